@@ -1,0 +1,1 @@
+"""Shared fixtures. Server fixtures live in tests/servers.py."""
