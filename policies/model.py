@@ -270,3 +270,46 @@ class ResultShape:
 
     columns: tuple[Column, ...]
     origin: str = "rows"  # rows | copy | error | notice
+
+
+# --- masking rules (loaded from policy bundles, compiled by policies.masking) ------------------
+
+
+@attrs.frozen
+class MaskRule:
+    """Which values to mask and how.
+
+    ``columns`` are qualified column names or globs (``public.patients.ssn``, ``*.email``,
+    ``*.*.ssn``); a result column matches when the column itself or any source it was derived
+    from matches. ``recognizers`` names recognizers (``ssn``, ``email``… or custom ones) to scan
+    the text of matching columns with, masking only what they find; with no recognizers the whole
+    value is masked. ``exempt_groups``: identities in any of these groups see the raw value.
+    """
+
+    name: str
+    columns: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    strategy: str = "redact"  # redact | partial | hash | null
+    recognizers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    exempt_groups: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+
+
+@attrs.frozen
+class RecognizerRule:
+    """A custom recognizer from a policy bundle (MRN, member id…), in RE2 syntax (linear time)."""
+
+    name: str
+    pattern: str
+    validator: str | None = None  # None | "luhn" | "mod97"
+
+
+@attrs.frozen
+class MaskingSettings:
+    """Bundle-wide masking choices.
+
+    ``untraced``: what to do with a result column the analysis could not trace to its sources
+    while masking rules are in force: ``mask-all`` scans it with every recognizer, ``deny`` refuses
+    the statement.
+    """
+
+    untraced: str = "mask-all"
+    default_recognizers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
