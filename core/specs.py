@@ -9,6 +9,7 @@ the configuration section, so unknown keys are rejected with a path like any oth
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -16,6 +17,7 @@ import attrs
 if TYPE_CHECKING:  # pragma: no cover
     import trio
 
+    from bastion.core.secrets import Secret, SecretRef
     from bastion.core.session import Session
     from bastion.policies.model import AuthOutcome, Credential
 
@@ -57,6 +59,21 @@ class AuditSink(Protocol):
 
 
 @attrs.frozen
+class ComponentContext:
+    """What a component factory gets besides its own options section.
+
+    ``resolve_secret`` blocks (it may read a file or ask a vault plugin): call it through
+    ``trio.to_thread.run_sync`` from async code, and call it when the secret is needed, not once at
+    start-up, so rotation works without a restart.
+    """
+
+    name: str
+    state_dir: Path
+    config_dir: Path
+    resolve_secret: Callable[[SecretRef], Secret]
+
+
+@attrs.frozen
 class ProtocolSpec:
     """A protocol plugin: ``name`` is the ``protocol = "…"`` value of a target.
 
@@ -72,7 +89,10 @@ class ProtocolSpec:
 
 @attrs.frozen
 class IdentityProviderSpec:
-    """An identity provider kind: ``[[identity]] kind = "…"``; ``factory(options, context)``."""
+    """An identity provider kind: ``[[identity]] kind = "…"``.
+
+    ``factory(options, context)`` gets the structured options and a :class:`ComponentContext`.
+    """
 
     kind: str
     factory: Callable[..., IdentityProvider]
@@ -82,7 +102,10 @@ class IdentityProviderSpec:
 
 @attrs.frozen
 class SinkSpec:
-    """An audit sink kind: ``[[audit.sinks]] kind = "…"``; ``factory(options, context)``."""
+    """An audit sink kind: ``[[audit.sinks]] kind = "…"``.
+
+    ``factory(options, context)`` gets the structured options and a :class:`ComponentContext`.
+    """
 
     kind: str
     factory: Callable[..., AuditSink]
