@@ -1,0 +1,78 @@
+"""Building the plugin manager: hook specs, built-in plugins, then entry-point plugins.
+
+Built-in plugins are registered exactly like third-party ones — by name, as modules — so
+``gateway.disable_plugins`` can switch any of them off. Third-party distributions advertise
+plugins in the ``bastion`` entry-point group (see examples/bastion-redis).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+import pluggy
+
+from bastion.core import hookspecs
+
+ENTRY_POINT_GROUP = "bastion"
+
+# name -> module. The name is what `gateway.disable_plugins` and `bastion plugins` use.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "tcp": "bastion.plugins.tcp",
+}
+
+
+class PluginError(Exception):
+    pass
+
+
+def build_plugin_manager(disable: Iterable[str] = (), *, entry_points: bool = True, extra: Iterable[object] = ()) -> pluggy.PluginManager:
+    """The one place plugins are loaded.
+
+    :param disable: plugin names to leave out (built-in or entry-point names).
+    :param entry_points: also load third-party plugins from the ``bastion`` entry-point group.
+    :param extra: plugin objects a program registers in code (library use).
+    """
+    disable = set(disable)
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in disable:
+        pm.set_blocked(name)
+    for name, module_name in BUILTIN_PLUGINS.items():
+        if name in disable:
+            continue
+        pm.register(importlib.import_module(module_name), name=name)
+    for plugin in extra:
+        pm.register(plugin)
+    if entry_points:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:  # a broken third-party plugin must say who it is
+            raise PluginError(f"cannot load a plugin from the {ENTRY_POINT_GROUP!r} entry-point group: {exc!r}") from exc
+    unknown = disable - {name for name, _ in pm.list_name_plugin()} - set(BUILTIN_PLUGINS) - _entry_point_names()
+    if unknown:
+        raise PluginError(f"gateway.disable_plugins names unknown plugins: {', '.join(sorted(unknown))}")
+    pm.check_pending()
+    return pm
+
+
+def _entry_point_names() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
+    """(name, where it comes from, hooks it implements) for each registered plugin."""
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    rows = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
+        dist = dists.get(id(plugin))
+        origin = f"{dist.project_name} {dist.version}" if dist is not None else (
+            "built-in" if name in BUILTIN_PLUGINS else "registered in code"
+        )
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
+        rows.append((name, origin, hooks))
+    return rows
