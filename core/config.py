@@ -293,6 +293,9 @@ def describe_errors(exc: BaseException, path: str) -> list[str]:
         if isinstance(error, KeyError):
             return "required key is missing"
         if isinstance(error, ValueError):
+            # attrs validators raise ValueError(message, attribute, allowed, got): name the key
+            if len(error.args) >= 2 and isinstance(error.args[1], attrs.Attribute):
+                return f"\0{error.args[1].name}\0{error.args[0]}"
             return str(error)
         if isinstance(error, TypeError) and type_ is not None:
             return f"expected {_describe_type(type_)}"
@@ -302,6 +305,9 @@ def describe_errors(exc: BaseException, path: str) -> list[str]:
     for line in cattrs.transform_error(exc, path="$", format_exception=format_exception):
         message, _, where = line.rpartition(" @ ")
         where = where.removeprefix("$").removeprefix(".")
+        if message.startswith("\0"):
+            _, attribute, message = message.split("\0", 2)
+            where = f"{where}.{attribute}" if where else attribute
         full = ".".join(p for p in (path, where) if p).replace(".[", "[")
         lines.append(f"{full}: {message}" if full else message)
     return lines
@@ -375,6 +381,8 @@ def load_config(path: Path | str, registry: Registry, raw: Mapping[str, Any] | N
 
     if errors:
         raise ConfigError(errors, str(path))
+    if not gateway.state_dir.is_absolute():  # the default is relative to the config file too
+        gateway = attrs.evolve(gateway, state_dir=path.parent.resolve() / gateway.state_dir)
     return Config(
         gateway=gateway,
         identity=tuple(identities),
