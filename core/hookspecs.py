@@ -141,6 +141,8 @@ def bastion_transform(session: SessionInfo, request: Request | None, shape: Resu
 def bastion_text_transform(session: SessionInfo, text: str) -> str | None:
     """Rewrite free text that echoes data back to the caller (error details, notices).
 
+    :param session: the session.
+    :param text: the text as the server sent it (e.g. an error's DETAIL field).
     :return: the rewritten text, or None to leave it unchanged. Results are applied in turn.
     """
 
@@ -151,4 +153,6 @@ def bastion_record(event: AuditEvent) -> None:
 
     Called after the event is queued to the audit trail. Must be quick and must not raise;
     an exception is logged and ignored, since the record itself is already kept.
+
+    :param event: the recorded event (see :mod:`bastion.core.events`); ``event.type`` names it.
     """
