@@ -757,3 +757,59 @@ def test_the_gateway_logs_in_upstream_with_the_targets_credentials(tmp_path, red
         assert [e.reason for e in running.of_type(events.SessionEnded)] == ["upstream unavailable"]
     finally:
         admin.acl_deluser(user)
+
+
+@pytest.mark.redis
+def test_resp3_pushes_are_relayed_and_never_taken_for_a_reply(tmp_path, redis_server):
+    name = key()
+
+    def work(running: Running):
+        with running.raw() as sock:
+            sock.sendall(resp.encode_command([b"HELLO", b"3", b"AUTH", b"default", TOKEN.encode()]))
+            hello = read_reply(sock)
+            sock.sendall(b"CLIENT TRACKING ON\r\n" + resp.encode_command([b"GET", name.encode()]))
+            tracking = read_reply(sock, 2)
+            direct(redis_server).set(name, "changed")  # invalidates the key the connection read
+            sock.sendall(b"PING\r\n")
+            return hello, tracking, read_reply(sock, 2)
+
+    (hello, tracking, last), _ = with_gateway(tmp_path, redis_server, work)
+    _, framed = frame_replies([hello], close=False)
+    assert framed[0][1].kind == "map" and b"proto" in hello
+    assert tracking == b"+OK\r\n_\r\n"
+    _, framed = frame_replies([last], close=False)
+    assert [(end.kind, data) for data, end in framed][1] == ("simple-string", b"+PONG\r\n")
+    assert framed[0][1].push and b"invalidate" in framed[0][0]
+
+
+@pytest.mark.redis
+def test_a_large_value_streams_through_intact(tmp_path, redis_server):
+    name, value = key(), bytes(range(256)) * (8 * 1024 + 3)  # about 2 MB, many relay chunks
+
+    def work(running: Running):
+        with running.client() as client:
+            client.set(name, value)
+            return client.get(name)
+
+    assert with_gateway(tmp_path, redis_server, work)[0] == value
+    direct(redis_server).delete(name)
+
+
+@pytest.mark.redis
+def test_without_require_auth_callers_are_anonymous(tmp_path, redis_server):
+    def work(running: Running):
+        with running.client(password=None) as client:
+            return client.ping()
+
+    assert with_gateway(tmp_path, redis_server, work, "require_auth = false\n")[0] is True
+
+
+def test_deny_commands_entries_are_checked_when_the_configuration_loads(tmp_path):
+    from bastion.core.config import ConfigError
+
+    hooks = Hooks(build_plugin_manager(extra=[StandIns()]))
+    path = write_config(tmp_path, 6379, 'deny_commands = ["flushall", "CONFIG SET maxmemory"]\n')
+    with pytest.raises(ConfigError, match=r"targets\[0\].*deny_commands: \"CONFIG SET maxmemory\" is not a command"):
+        load_config(path, hooks.registry())
+    path = write_config(tmp_path, 6379, 'deny_commands = ["  Flushall ", "config   SET"]\n')
+    assert load_config(path, hooks.registry()).targets[0].options.deny_commands == ("flushall", "config set")

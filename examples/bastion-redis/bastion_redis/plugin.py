@@ -52,15 +52,16 @@ _ENTRY = re.compile(r"[a-z][a-z0-9_.|-]*(?: [a-z][a-z0-9_.|-]*)?")
 
 
 def _normalise_entries(entries) -> tuple[str, ...]:
+    """Lower case, single spaces; each entry a command or a command and its sub-command."""
     if isinstance(entries, str):
-        raise ValueError('expected a list of commands like ["FLUSHALL", "CONFIG SET"]')
-    return tuple(" ".join(str(entry).lower().split()) for entry in entries)
-
-
-def _check_entries(_instance, _attribute, entries: tuple[str, ...]) -> None:
+        raise ValueError('deny_commands: expected a list of commands like ["FLUSHALL", "CONFIG SET"]')
+    normalised = []
     for entry in entries:
-        if not _ENTRY.fullmatch(entry):
-            raise ValueError(f'"{entry}" is not a command or a "COMMAND SUBCOMMAND" pair')
+        words = " ".join(str(entry).lower().split())
+        if not _ENTRY.fullmatch(words):
+            raise ValueError(f'deny_commands: "{entry}" is not a command or a "COMMAND SUBCOMMAND" pair')
+        normalised.append(words)
+    return tuple(normalised)
 
 
 @attrs.frozen
@@ -74,9 +75,7 @@ class RedisOptions:
     ``false`` every caller is ``anonymous`` (and needs a grant naming it).
     """
 
-    deny_commands: tuple[str, ...] = attrs.field(
-        default=DEFAULT_DENY, converter=_normalise_entries, validator=_check_entries
-    )
+    deny_commands: tuple[str, ...] = attrs.field(default=DEFAULT_DENY, converter=_normalise_entries)
     require_auth: bool = True
 
     def denied_by(self, command: RedisCommand) -> str | None:
