@@ -382,7 +382,7 @@ class Running:
         return [e for e in self.trail.events if isinstance(e, cls)]
 
 
-def write_config(directory: Path, upstream_port: int, target_extra: str = "") -> Path:
+def write_config(directory: Path, upstream_port: int, target_extra: str = "", shutdown_grace: str = "2s") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "bastion.toml"
     path.write_text(
@@ -391,7 +391,7 @@ def write_config(directory: Path, upstream_port: int, target_extra: str = "") ->
             [gateway]
             admin_listen = "127.0.0.1:0"
             state_dir = "var"
-            shutdown_grace = "2s"
+            shutdown_grace = "{shutdown_grace}"
 
             [[identity]]
             kind = "test-token"
@@ -411,9 +411,9 @@ def write_config(directory: Path, upstream_port: int, target_extra: str = "") ->
 
 
 @contextlib.asynccontextmanager
-async def serving(directory: Path, upstream_port: int, target_extra: str = ""):
+async def serving(directory: Path, upstream_port: int, target_extra: str = "", **config_options):
     hooks = Hooks(build_plugin_manager(extra=[StandIns()]))
-    config = load_config(write_config(directory, upstream_port, target_extra), hooks.registry())
+    config = load_config(write_config(directory, upstream_port, target_extra, **config_options), hooks.registry())
     trail = MemoryTrail()
     gateway = _gateway(config, hooks, trail)
     async with trio.open_nursery() as nursery:
@@ -443,13 +443,13 @@ def _gateway(config, hooks, trail) -> Gateway:
         del sys.modules["bastion.core.audit"]
 
 
-def with_gateway(tmp_path: Path, redis_server, work: Callable[[Running], object], target_extra: str = ""):
+def with_gateway(tmp_path: Path, redis_server, work: Callable[[Running], object], target_extra: str = "", **config_options):
     """Run ``work(running)`` (blocking client code) in a thread while a gateway serves; returns
     (its result, the gateway's audit events once it has stopped)."""
 
     async def main():
         with trio.fail_after(TEST_DEADLINE):
-            async with serving(tmp_path, redis_server.port, target_extra) as running:
+            async with serving(tmp_path, redis_server.port, target_extra, **config_options) as running:
                 result = await trio.to_thread.run_sync(work, running)
         return result, running
 
@@ -813,3 +813,40 @@ def test_deny_commands_entries_are_checked_when_the_configuration_loads(tmp_path
         load_config(path, hooks.registry())
     path = write_config(tmp_path, 6379, 'deny_commands = ["  Flushall ", "config   SET"]\n')
     assert load_config(path, hooks.registry()).targets[0].options.deny_commands == ("flushall", "config set")
+
+
+@pytest.mark.redis
+def test_an_idle_caller_is_disconnected_but_a_waiting_one_is_not(tmp_path, redis_server):
+    name = key()
+
+    def work(running: Running):
+        with running.raw() as sock:
+            auth(sock)
+            # BLPOP waits longer than idle_timeout: the caller is waiting for a reply, not idle
+            sock.sendall(resp.encode_command([b"BLPOP", name.encode(), b"0.6"]))
+            waited = read_reply(sock)
+            idle = sock.recv(100)  # then nothing is due, and the gateway hangs up
+        return waited, idle
+
+    (waited, idle), running = with_gateway(tmp_path, redis_server, work, 'idle_timeout = "200ms"\n')
+    assert waited in (b"*-1\r\n", b"_\r\n")
+    assert idle == b""
+    assert [e.reason for e in running.of_type(events.SessionEnded)] == ["idle timeout"]
+
+
+@pytest.mark.redis
+def test_on_shutdown_a_waiting_caller_is_told_why_the_connection_closes(tmp_path, redis_server):
+    name = key()
+
+    def work(running: Running):
+        with running.raw() as sock:
+            auth(sock)
+            sock.sendall(resp.encode_command([b"BLPOP", name.encode(), b"0"]))
+            while not any(c.get("cmd") == "blpop" for c in direct(redis_server).client_list()):
+                trio.from_thread.run_sync(lambda: None)  # the BLPOP has not reached the server yet
+            trio.from_thread.run_sync(running.gateway.shutdown, "test shutdown")
+            return read_reply(sock)
+
+    reply, running = with_gateway(tmp_path, redis_server, work, shutdown_grace="0s")
+    assert reply == b"-ERR Bastion closed the connection: gateway shutdown\r\n"
+    assert [e.reason for e in running.of_type(events.SessionEnded)] == ["gateway shutdown"]
