@@ -63,6 +63,8 @@ MAX_LOGIN_REPLY = 64 * 1024
 # after a caller's protocol error, how long the replies already under way may take to go out
 # before the connection is closed anyway (a blocked BLPOP must not keep a broken session open)
 DRAIN_AFTER_ERROR_SECONDS = 5.0
+# after QUIT the server answers +OK and hangs up; one that stays on must not keep the session open
+QUIT_GRACE_SECONDS = 5.0
 
 NOAUTH = "NOAUTH Authentication required."
 WRONGPASS = "WRONGPASS invalid username-password pair or user is disabled."
@@ -152,7 +154,9 @@ class _Proxy:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.pump_replies, nursery.cancel_scope)
                 await self.pump_commands()
-                if not self.quitting:
+                if self.quitting:  # let the reply to QUIT through, then the server hangs up
+                    nursery.cancel_scope.deadline = trio.current_time() + QUIT_GRACE_SECONDS
+                else:
                     nursery.cancel_scope.cancel()
         finally:
             if self.upstream is not None:
