@@ -121,12 +121,12 @@ class Gateway:
     """
 
     def __init__(self, config: Config, hooks: Hooks, *, policy: Any = None, trail: Any = None) -> None:
-        from bastion.core.audit import AuditTrail
-
         self.config = config
         self.hooks = hooks
         self.metrics = Metrics()
         if trail is None:
+            from bastion.core.audit import AuditTrail
+
             trail = AuditTrail(config.audit, config.gateway.state_dir, sinks=(), on_record=None)
         self.runtime = Runtime(config, hooks, policy, trail, self.metrics)
         self.targets: dict[str, TargetRuntime] = {}
