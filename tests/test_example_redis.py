@@ -415,7 +415,7 @@ async def serving(directory: Path, upstream_port: int, target_extra: str = "", *
     hooks = Hooks(build_plugin_manager(extra=[StandIns()]))
     config = load_config(write_config(directory, upstream_port, target_extra, **config_options), hooks.registry())
     trail = MemoryTrail()
-    gateway = _gateway(config, hooks, trail)
+    gateway = Gateway(config, hooks, trail=trail)
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run)
         address = gateway.addresses["cache"]
@@ -423,24 +423,6 @@ async def serving(directory: Path, upstream_port: int, target_extra: str = "", *
             yield Running(gateway, address.host, address.port, trail)
         finally:
             gateway.shutdown("test finished")
-
-
-def _gateway(config, hooks, trail) -> Gateway:
-    # TODO(integration): Gateway.__init__ imports bastion.core.audit even when given a trail; until
-    # core/audit.py exists, stand a module in for the duration of the call.
-    import importlib.util
-    import sys
-    import types
-
-    if importlib.util.find_spec("bastion.core.audit") is not None:
-        return Gateway(config, hooks, trail=trail)
-    stub = types.ModuleType("bastion.core.audit")
-    stub.AuditTrail = MemoryTrail
-    sys.modules["bastion.core.audit"] = stub
-    try:
-        return Gateway(config, hooks, trail=trail)
-    finally:
-        del sys.modules["bastion.core.audit"]
 
 
 def with_gateway(tmp_path: Path, redis_server, work: Callable[[Running], object], target_extra: str = "", **config_options):
