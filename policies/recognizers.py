@@ -103,7 +103,9 @@ _CUSTOM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}\Z")  # names go into audit
 
 # --- checksums ---------------------------------------------------------------------------------
 
-_LUHN_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # digit sum of 2*d
+# digit byte -> its value, and -> the digit sum of twice its value ("double-add-double")
+_LUHN_SINGLE = bytes((b - 48) % 256 for b in range(256))
+_LUHN_DOUBLE = bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)[b - 48] if 48 <= b <= 57 else 0 for b in range(256))
 
 
 def luhn_valid(digits: bytes | str) -> bool:
@@ -112,11 +114,8 @@ def luhn_valid(digits: bytes | str) -> bool:
         digits = digits.encode("ascii")
     if len(digits) < 2 or not digits.isdigit():
         return False
-    total = 0
-    for position, byte in enumerate(reversed(digits)):
-        value = byte - 48
-        total += _LUHN_DOUBLED[value] if position & 1 else value
-    return total % 10 == 0
+    backwards = digits[::-1]
+    return (sum(backwards[0::2].translate(_LUHN_SINGLE)) + sum(backwards[1::2].translate(_LUHN_DOUBLE))) % 10 == 0
 
 
 def npi_valid(digits: bytes | str) -> bool:
@@ -388,18 +387,19 @@ _STAR_LETTERS = bytes(
     STAR if (b in _ALNUM_BYTES and b not in _DIGIT_BYTES) or b >= 0x80 else b for b in range(256)
 )
 _STAR_ALNUM = bytes(STAR if b in _ALNUM_BYTES or b >= 0x80 else b for b in range(256))
-_DIGIT_RUN = re.compile(rb"[0-9]")
+_KEPT_TAIL = re.compile(rb"(?:[^0-9]*[0-9]){%d}" % PARTIAL_KEEP_DIGITS)  # matched on the reversed value
+_DIGIT_CHARS = bytes(sorted(_DIGIT_BYTES))
 
 
-def mask_keeping_last_digits(value: bytes, keep: int = PARTIAL_KEEP_DIGITS) -> bytes:
-    """Letters (and non-ASCII bytes) become ``*``; digits too, except the last ``keep`` when at
-    least :data:`PARTIAL_MIN_MASKED_DIGITS` others stay hidden. Separators stay."""
-    letters_hidden = value.translate(_STAR_LETTERS)
-    positions = [m.start() for m in _DIGIT_RUN.finditer(letters_hidden)]
-    if len(positions) - keep < PARTIAL_MIN_MASKED_DIGITS:
+def mask_keeping_last_digits(value: bytes) -> bytes:
+    """Letters (and non-ASCII bytes) become ``*``; digits too, except the last
+    :data:`PARTIAL_KEEP_DIGITS` when at least :data:`PARTIAL_MIN_MASKED_DIGITS` others stay
+    hidden. Separators stay."""
+    digit_count = len(value) - len(value.translate(None, _DIGIT_CHARS))
+    if digit_count - PARTIAL_KEEP_DIGITS < PARTIAL_MIN_MASKED_DIGITS:
         return value.translate(_STAR_ALNUM)
-    cut = positions[-keep]
-    return letters_hidden[:cut].translate(_STAR_ALNUM) + letters_hidden[cut:]
+    cut = len(value) - _KEPT_TAIL.match(value[::-1]).end()
+    return value[:cut].translate(_STAR_ALNUM) + value[cut:].translate(_STAR_LETTERS)
 
 
 def _partial_email(span: bytes) -> bytes:
@@ -494,40 +494,73 @@ FREE_TEXT_RECOGNIZERS: tuple[str, ...] = tuple(n for n, r in BUILTIN_RECOGNIZERS
 @attrs.frozen
 class _Form:
     """One candidate shape: ``first`` is the set of bytes it can start with, ``rest`` the stdlib
-    ``re`` pattern for the remainder (only non-capturing groups, every quantifier bounded)."""
+    ``re`` pattern for the remainder (only non-capturing groups, every quantifier bounded).
+    ``run_start``: the first byte is a digit that does not continue an earlier number."""
 
     recognizer: str
     first: bytes
     rest: bytes
     validate: Validator = attrs.field(eq=False, repr=False)
+    run_start: bool = False
 
 
 _D = b"0123456789"
-_RUN_START = rb"(?<![0-9].)"  # the digit just consumed does not continue an earlier number
+_RUN_START = rb"(?<=[0-9])(?<![0-9].)"  # the digit just consumed does not continue an earlier number
 _NO_MORE_DIGITS = rb"(?![0-9])"
 _SEP = rb"[-.\x20]?"
 _NANP_AFTER_AREA = rb"[2-9][0-9]{2}" + _SEP + rb"[0-9]{4}" + _NO_MORE_DIGITS
 
+
+def _number(recognizer: str, first: bytes, rest: bytes, validate: Validator) -> _Form:
+    return _Form(recognizer, first, rest, validate, run_start=True)
+
+
 _FORMS: tuple[_Form, ...] = (
-    # order matters only when two forms would both validate at the same start
+    # Order decides only which recognizer claims text two of them would accept at the same start;
+    # forms whose candidates are often rejected (times, dates without a keyword, digit groups)
+    # come last among the numbers, because a rejected candidate is offered to every later form.
+    # Consecutive number forms share one run-start check in the combined pattern.
     _Form("email", b"@", rb"[A-Za-z0-9\x80-\xff-]{1,63}(?:\.[A-Za-z0-9\x80-\xff-]{1,63}){1,8}", _validate_email),
-    _Form("ssn", _D, _RUN_START + rb"[0-9]{2}(?:-[0-9]{2}-|\x20[0-9]{2}\x20|[0-9]{2})[0-9]{4}" + _NO_MORE_DIGITS, _validate_ssn),
-    # bare, or in groups of 3-6 digits (4-4-4-4, 4-6-5, 4-6-4…) separated by a space or a dash
-    _Form("card", _D, _RUN_START + rb"(?:[0-9]{12,18}|[0-9]{2,5}(?:[\x20-][0-9]{3,6}){2,5})" + _NO_MORE_DIGITS, _validate_card),
-    _Form("npi", b"12", _RUN_START + rb"[0-9]{9}" + _NO_MORE_DIGITS, _validate_npi),
+    _number("ssn", _D, rb"[0-9]{2}(?:-[0-9]{2}-|\x20[0-9]{2}\x20|[0-9]{2})[0-9]{4}" + _NO_MORE_DIGITS, _validate_ssn),
+    _number("npi", b"12", rb"[0-9]{9}" + _NO_MORE_DIGITS, _validate_npi),
+    _number("phone", b"23456789", rb"[0-9]{2}" + _SEP + _NANP_AFTER_AREA, _validate_phone),
+    _number("phone", b"1", _SEP + rb"(?:\([2-9][0-9]{2}\)\x20?|[2-9][0-9]{2}" + _SEP + b")" + _NANP_AFTER_AREA, _validate_phone),
+    _number("iban", _D, rb"(?<=[A-Z][A-Z][0-9])[0-9](?:\x20?[A-Z0-9]){11,30}", _validate_iban),
+    _number("ipv4", _D, rb"(?<!\..)[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-9])", _validate_ipv4),
+    _number("zip", _D, rb"[0-9]{4}(?:-[0-9]{4})?" + _NO_MORE_DIGITS, _validate_zip),
+    _number("dob", b"12", rb"[0-9]{3}-[0-9]{2}-[0-9]{2}" + _NO_MORE_DIGITS, _validate_dob),
+    _number("dob", _D, rb"[0-9]?/[0-9]{1,2}/[0-9]{4}" + _NO_MORE_DIGITS, _validate_dob),
+    # bare, or grouped as cards are printed: a group of four, then groups of 3-6 digits
+    # (4-4-4-4, 4-6-5, 4-6-4, 4-4-4-4-3) separated by a space or a dash
+    _number("card", _D, rb"(?:[0-9]{12,18}|[0-9]{3}(?:[\x20-][0-9]{3,6}){2,4})" + _NO_MORE_DIGITS, _validate_card),
+    _number("ipv6", _D, rb"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f:.]{1,44}", _validate_ipv6),
     _Form("phone", b"(", rb"[2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone),
-    _Form("phone", b"23456789", _RUN_START + rb"[0-9]{2}" + _SEP + _NANP_AFTER_AREA, _validate_phone),
-    _Form("phone", b"1", _RUN_START + _SEP + rb"(?:\([2-9][0-9]{2}\)\x20?|[2-9][0-9]{2}" + _SEP + b")" + _NANP_AFTER_AREA, _validate_phone),
     _Form("phone", b"+", rb"1\x20?\([2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone),
     _Form("phone", b"+", rb"[1-9](?:" + _SEP + rb"[0-9]){7,14}" + _NO_MORE_DIGITS, _validate_phone),
-    _Form("dob", b"12", _RUN_START + rb"[0-9]{3}-[0-9]{2}-[0-9]{2}" + _NO_MORE_DIGITS, _validate_dob),
-    _Form("dob", _D, _RUN_START + rb"[0-9]?/[0-9]{1,2}/[0-9]{4}" + _NO_MORE_DIGITS, _validate_dob),
-    _Form("ipv4", _D, rb"(?<![0-9.].)[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-9])", _validate_ipv4),
-    _Form("ipv6", _D, _RUN_START + rb"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f:.]{1,44}", _validate_ipv6),
-    _Form("ipv6", b":", _RUN_START + rb"[0-9A-Fa-f:.]{1,44}", _validate_ipv6),
-    _Form("iban", _D, rb"(?<=[A-Z][A-Z][0-9])[0-9](?:\x20?[A-Z0-9]){11,30}", _validate_iban),
-    _Form("zip", _D, _RUN_START + rb"[0-9]{4}(?:-[0-9]{4})?" + _NO_MORE_DIGITS, _validate_zip),
+    _Form("ipv6", b":", rb"(?<![0-9].)[0-9A-Fa-f:.]{1,44}", _validate_ipv6),
 )
+
+
+def _alternation(forms: Sequence[_Form]) -> bytes:
+    """One capturing group per form, in order; runs of number forms share their run-start check."""
+    parts: list[bytes] = []
+    numbers: list[bytes] = []
+    for form in forms:
+        if form.run_start:
+            own_check = b"" if set(form.first) == set(_D) else b"(?<=%s)" % _byte_class(form.first)
+            numbers.append(b"(%s%s)" % (own_check, form.rest))
+            continue
+        if numbers:
+            parts.append(_RUN_START + b"(?:" + b"|".join(numbers) + b")")
+            numbers = []
+        parts.append(b"((?<=%s)%s)" % (_byte_class(form.first), form.rest))
+    if numbers:
+        parts.append(_RUN_START + b"(?:" + b"|".join(numbers) + b")")
+    return b"|".join(parts)
+
+
+def _single(form: _Form) -> bytes:
+    return _byte_class(form.first) + (_RUN_START if form.run_start else b"") + form.rest
 
 
 def _byte_class(allowed: Iterable[int]) -> bytes:
@@ -636,10 +669,10 @@ class Scanner:
         "names",
         "scoped",
         "recognizers",
-        "_may_match",
+        "_custom_may_match",
         "_pattern",
         "_forms",
-        "_singles",
+        "_retries",
         "_custom_pattern",
         "_custom_groups",
         "_custom_checks",
@@ -652,20 +685,29 @@ class Scanner:
         self.recognizers.update((c.name, _custom_recognizer(c.rule)) for c in custom)
         forms = [form for form in _FORMS if form.recognizer in self.recognizers]
         self._forms = forms
-        anchors: set[int] = {b for form in forms for b in form.first}
-        for recognizer in custom:
-            anchors.update(recognizer.first_bytes)
-        self._may_match = re.compile(_byte_class(anchors)).search if anchors else None
         if forms:
+            # The pattern starts with one byte class (every byte a candidate can start with), so
+            # `re` skips all other bytes in C before trying any form: that is the cheap pre-check
+            # that makes plain text cost almost nothing.
             first = _byte_class(b for form in forms for b in form.first)
-            alternatives = b"|".join(b"((?<=%s)%s)" % (_byte_class(f.first), f.rest) for f in forms)
-            self._pattern = re.compile(first + b"(?:" + alternatives + b")")
-            self._singles = [re.compile(_byte_class(f.first) + f.rest) for f in forms]
+            self._pattern = re.compile(first + b"(?:" + _alternation(forms) + b")")
             assert self._pattern.groups == len(forms), "built-in forms must not capture"
+            singles = [re.compile(_single(f)).match for f in forms]
+            # per form and first byte: the later forms a rejected candidate is offered to
+            self._retries: list[dict[int, tuple[tuple[_Form, Callable], ...]]] = [
+                {
+                    byte: tuple((forms[j], singles[j]) for j in range(i + 1, len(forms)) if byte in forms[j].first)
+                    for byte in form.first
+                }
+                for i, form in enumerate(forms)
+            ]
         else:
             self._pattern = None
-            self._singles = []
+            self._retries = []
         if custom:
+            # one RE2 call costs microseconds, so first a byte-class search in C: does the value
+            # hold any byte a custom match can start with at all?
+            self._custom_may_match = re.compile(_byte_class(b for c in custom for b in c.first_bytes)).search
             self._custom_pattern = re2.compile(
                 b"|".join(b"(%s)" % c.rule.pattern.encode("utf-8") for c in custom), _re2_options()
             )
@@ -684,10 +726,8 @@ class Scanner:
 
     def find(self, data: bytes) -> list[Span]:
         """Spans of ``data`` holding what the recognizers found, sorted, not overlapping."""
-        if self._may_match is None or self._may_match(data) is None:
-            return []
         spans = self._find_builtin(data) if self._pattern is not None else []
-        if self._custom_pattern is not None:
+        if self._custom_pattern is not None and self._custom_may_match(data) is not None:
             spans.extend(self._find_custom(data))
             spans.sort()
         return _merge(spans) if len(spans) > 1 else spans
@@ -696,6 +736,7 @@ class Scanner:
         spans: list[Span] = []
         search = self._pattern.search
         forms = self._forms
+        retries = self._retries
         scoped = self.scoped
         position = 0
         while (match := search(data, position)) is not None:
@@ -706,11 +747,8 @@ class Scanner:
             if bounds is None:
                 # the alternation stopped at the first form that matched here: give the later
                 # forms their chance before moving on
-                for later in range(index + 1, len(forms)):
-                    other = forms[later]
-                    if data[start] not in other.first:
-                        continue
-                    single = self._singles[later].match(data, start)
+                for other, match_here in retries[index][data[start]]:
+                    single = match_here(data, start)
                     if single is not None and (bounds := other.validate(data, start, single.end(), scoped)) is not None:
                         form = other
                         break
