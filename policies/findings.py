@@ -41,6 +41,41 @@ _CATALOGUE = [
     FindingKind("multi-statement", 10, "one message carries several statements"),
     FindingKind("no-limit", 5, "reads without a LIMIT"),
     FindingKind("function-call", 60, "uses the protocol's fast-path function call"),
+    # added with the PostgreSQL/MySQL statement analysis (bastion.policies.analysis)
+    FindingKind("dynamic-sql-unseen", 90, "runs SQL text Bastion cannot read (it is not a literal)"),
+    FindingKind(
+        "unknown-prepared", 90, "runs a prepared statement or cursor Bastion did not see being prepared"
+    ),
+    FindingKind(
+        "lexer-mismatch", 100, "Bastion's two readings of the text disagree on where statements end"
+    ),
+    FindingKind(
+        "odd-characters",
+        90,
+        "contains characters the server and Bastion may read differently (unusual whitespace or "
+        "control characters)",
+    ),
+    FindingKind(
+        "lexer-setting",
+        90,
+        "changes how the server reads quotes, escapes or bytes, which could blind the analysis",
+    ),
+    FindingKind("set-global", 80, "changes server-wide configuration"),
+    FindingKind("load-library", 100, "loads a shared library or plugin into the database server"),
+    FindingKind(
+        "untrusted-language", 90, "defines code in an untrusted language that runs on the server"
+    ),
+    FindingKind("os-command", 100, "runs an operating-system command on the database server"),
+    FindingKind("admin-command", 80, "runs a server administration command"),
+    FindingKind("load-local-file", 60, "loads a file from the client machine into a table"),
+    FindingKind(
+        "search-path",
+        30,
+        "changes the schema search path or current database, so unqualified names resolve elsewhere",
+    ),
+    FindingKind(
+        "unknown-function", 10, "calls a function Bastion does not know, which may have side effects"
+    ),
 ]
 
 FINDINGS: dict[str, FindingKind] = {kind.name: kind for kind in _CATALOGUE}
