@@ -561,7 +561,7 @@ _EMAIL_VALUE = re.compile(rb"[^@\s]{1,64}(@[^@\s]+\.[^@\s]+)")
 
 
 def _partial_whole_text(value: bytes) -> bytes:
-    email = _EMAIL_VALUE.fullmatch(value)
+    email = _EMAIL_VALUE.fullmatch(value) if b"@" in value else None
     if email is not None:
         return b"****" + email.group(1)
     return mask_keeping_last_digits(value)
@@ -634,12 +634,14 @@ def _computed_whole_value(pg_type: _PgType, binary: bool, strategy: str, context
         return _transcoded(_partial_whole_text, context.codec)
     if strategy != "hash":
         return None
+    # text is hashed as UTF-8 whatever the client encoding, so pseudonyms do not depend on it
     if kind in ("text", "xml"):
-        return keyed.pseudonym
+        return _transcoded(keyed.pseudonym, context.codec)
     if kind == "json" or (kind == "jsonb" and not binary):
-        return lambda value: b'"' + keyed.pseudonym(value) + b'"'
+        return _transcoded(lambda value: b'"' + keyed.pseudonym(value) + b'"', context.codec)
     if kind == "jsonb":
-        return lambda value: b'\x01"' + keyed.pseudonym(value[1:]) + b'"'
+        quoted = _transcoded(keyed.pseudonym, context.codec)
+        return lambda value: b'\x01"' + quoted(value[1:]) + b'"'
     make = pg_type.hash_binary if binary else pg_type.hash_text
     if make is None:
         return None
@@ -697,9 +699,10 @@ def _scanning_mask(
                 tally[label_prefix + name] += 1
             return _rewrite_spans(data, spans, strategies, recognizers, keyed)
 
+        in_encoding = _transcoded(rewrite, context.codec)
         if kind == "jsonb" and binary:
-            return lambda value: _jsonb_binary(value, rewrite)
-        return _transcoded(rewrite, context.codec)
+            return lambda value: _jsonb_binary(value, in_encoding)
+        return in_encoding
 
     # a non-text value: what is found makes the whole value go
     readable = _readable(pg_type, binary)
@@ -762,7 +765,7 @@ def _copy_text_unescape(field: bytes) -> bytes:
             return _COPY_TEXT_SIMPLE[code]
         if code[:1] == b"x" and len(code) > 1:
             return bytes([int(code[1:], 16)])
-        if code[:1].isdigit() and code[:1] in b"01234567":
+        if 0x30 <= code[0] <= 0x37:  # octal
             return bytes([int(code, 8) & 0xFF])
         return code
 
@@ -811,9 +814,14 @@ def _split_csv(body: bytes, delimiter: bytes, quote: bytes, escape: bytes) -> li
                 if next_quote < 0:
                     raise MaskingError("unterminated quoted CSV field")
                 if 0 <= next_escape < next_quote:
-                    value += body[position:next_escape]
-                    value += body[next_escape + 1 : next_escape + 2]
-                    position = next_escape + 2
+                    # ESCAPE escapes only a quote or itself; anywhere else it is data
+                    escaped = body[next_escape + 1 : next_escape + 2]
+                    if escaped in (quote, escape):
+                        value += body[position:next_escape] + escaped
+                        position = next_escape + 2
+                    else:
+                        value += body[position : next_escape + 1]
+                        position = next_escape + 1
                     continue
                 value += body[position:next_quote]
                 if escape == quote and body[next_quote + 1 : next_quote + 2] == quote:

@@ -93,7 +93,7 @@ MAX_EMAIL_LOCAL_PART = 64  # RFC 5321's limit; also bounds the walk back from '@
 MIN_BIRTH_YEAR = 1800  # older "dates of birth" are sentinels (0001-01-01), not people
 PARTIAL_KEEP_DIGITS = 4  # "partial" keeps this many trailing digits…
 PARTIAL_MIN_MASKED_DIGITS = 4  # …only when at least this many digits stay hidden
-ZIP_KEEP_DIGITS = 3  # HIPAA Safe Harbor allows the first three ZIP digits
+ZIP_KEEP_DIGITS = 3  # HIPAA Safe Harbor allows the first three ZIP digits (with exceptions below)
 
 MAX_CUSTOM_PATTERN_CHARS = 1000  # an identifier pattern is tens of characters; more is a mistake
 MAX_CUSTOM_PROGRAM_SIZE = 10_000  # RE2 instructions; `.{1000}` is ~8000, each custom slows every scan
@@ -414,8 +414,18 @@ def _partial_dob(span: bytes) -> bytes:
     return span[:year_at].translate(_STAR_ALNUM) + span[year_at:]
 
 
+# Three-digit ZIP areas with 20,000 people or fewer (2000 census, 67 FR 53182): Safe Harbor
+# requires them written as 000.
+_SPARSE_ZIP_AREAS = frozenset(
+    b"036 059 063 102 203 556 692 790 821 823 830 831 878 879 884 890 893".split()
+)
+
+
 def _partial_zip(span: bytes) -> bytes:
-    return span[:ZIP_KEEP_DIGITS] + span[ZIP_KEEP_DIGITS:].translate(_STAR_ALNUM)
+    area = span[:ZIP_KEEP_DIGITS]
+    if area in _SPARSE_ZIP_AREAS:
+        area = b"000"
+    return area + span[ZIP_KEEP_DIGITS:].translate(_STAR_ALNUM)
 
 
 def _partial_all(span: bytes) -> bytes:
