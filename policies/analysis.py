@@ -1907,6 +1907,11 @@ def _function_names(node: exp.Func) -> tuple[str, frozenset[str]]:
     return name, frozenset(aliases | {name, node.key.lower()})
 
 
+def _is_builtin(name: str, facts: _Facts) -> bool:
+    """A server built-in: known here, or one sqlglot models (seen anonymous when schema-qualified)."""
+    return name in _KNOWN_FUNCTIONS or name.upper() in facts.session.sqlglot.parser_class.FUNCTIONS
+
+
 def _function_schema(node: exp.Func) -> str:
     parent = node.parent
     if isinstance(parent, exp.Dot) and parent.expression is node:
@@ -2020,7 +2025,7 @@ class _Walker:
         schema = _function_schema(node)
         dangerous = any(alias in _HANDLED_NAMES or alias.startswith("dblink") for alias in aliases)
         if isinstance(node, exp.Anonymous) and not dangerous:
-            if name not in _KNOWN_FUNCTIONS and name not in _KNOWN_TABLE_FUNCTIONS:
+            if not _is_builtin(name, facts) and name not in _KNOWN_TABLE_FUNCTIONS:
                 facts.find("unknown-function", name)
             elif schema and schema not in _SYSTEM_SCHEMAS:
                 facts.find("unknown-function", f"{schema}.{name}")
@@ -2447,8 +2452,10 @@ class _Lineage:
             name = name or cte.alias_or_name.lower()
             body = cte.this
             if recursive:
-                scope.ctes[name] = None  # a self-reference is unknown until the first pass
-                relation = _renamed(self.query(body, scope), names)
+                # start from the non-recursive branch, then follow the self-reference to a fixed point
+                scope.ctes[name] = None  # a self-reference in the start is unknown
+                start = body.left if isinstance(body, exp.Union) else body
+                relation = _renamed(self.query(start, scope), names)
                 for _ in range(MAX_RECURSIVE_PASSES):
                     scope.ctes[name] = relation
                     again = _renamed(self.query(body, scope), names)
@@ -2642,10 +2649,12 @@ class _Lineage:
         if isinstance(node, exp.Parameter):
             # MySQL @variable: whatever was stored in it earlier; PostgreSQL $n: a client value
             return _UNTRACED if isinstance(node.this, exp.Var) else _NO_LINEAGE
+        if isinstance(node, exp.Dot) and isinstance(node.expression, exp.Func):
+            return self.expression(node.expression, scope)  # schema.function(…): the call
         traced = True
         if isinstance(node, exp.Func):
             name = _function_names(node)[0]
-            if isinstance(node, exp.Anonymous) and name not in _KNOWN_FUNCTIONS:
+            if isinstance(node, exp.Anonymous) and not _is_builtin(name, self.facts):
                 traced = False
             mark = node.meta.get(_CALL_MARK)
             if mark is not None and mark in self.facts.call_sources:
@@ -2684,6 +2693,8 @@ class _Lineage:
                 lineage = (lineage[0], lineage[1] and not maybe)
                 self._record(lineage)
                 return lineage
+            if name in _SYSTEM_COLUMNS and any(source.table for source in level.sources.values()):
+                return _NO_LINEAGE if not maybe else (_union(maybe)[0], False)
             maybe += [source.unknown(name) for source in level.sources.values() if not source.complete]
             level = level.parent
         level = scope
