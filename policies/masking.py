@@ -1092,6 +1092,34 @@ def compile_plan(
 
 # --- free text and parameters ------------------------------------------------------------------------
 
+_KEY_COLUMNS = r"\([^()\n]*(?:\([^()\n]*\)[^()\n]*)*\)"  # "(a, lower(b))": one level of nesting
+_ECHOED_VALUES = tuple(
+    re.compile(pattern, re.MULTILINE)
+    for pattern in (
+        # unique, foreign-key and exclusion violations: Key (columns)=(values) ...
+        r"(Key " + _KEY_COLUMNS + r"=\()(.*?)(\) (?:already exists|is not present in table|"
+        r"is still referenced from table|conflicts with existing key))",
+        r"(conflicts with existing key " + _KEY_COLUMNS + r"=\()(.*)(\)\.?)$",
+        # check and not-null violations echo the whole new row
+        r"(Failing row contains \()(.*)(\)\.?)$",
+        # bad input echoes the literal
+        r'(invalid input (?:syntax|value) for (?:type|enum) [^:"\n]{1,64}: ")(.*)(")$',
+        r'(value ")(.*?)(" is out of range for type )',
+        r'(out of range: ")(.*)(")$',
+    )
+)
+ECHOED_VALUE_KEY = "echoed-value"
+
+
+def _redact_echoed_values(text: str) -> tuple[str, int]:
+    """PostgreSQL error texts that quote row values (English server messages): the quoted
+    values go whole, since names and diagnoses match no recognizer."""
+    total = 0
+    for pattern in _ECHOED_VALUES:
+        text, count = pattern.subn(lambda m: m.group(1) + REDACTED.decode() + m.group(3), text)
+        total += count
+    return text, total
+
 
 def mask_text(
     text: str,
@@ -1100,12 +1128,19 @@ def mask_text(
     *,
     custom: Sequence[RecognizerRule] = (),
     hash_key: bytes = b"",
+    echoed_values: bool = True,
 ) -> tuple[str, dict[str, int]]:
-    """Mask what the recognizers find in free text (error details, notices, hints).
+    """Mask free text: error and notice fields, hints.
 
-    ``recognizers`` defaults to every recognizer that works on free text (all built-ins but
-    ``zip``, and every ``custom`` one), in free-text scope (see ``bastion.policies.recognizers``).
-    Returns the masked text and how many spans each recognizer masked.
+    First, with ``echoed_values``, the row values PostgreSQL quotes in its error texts go whole
+    (``Key (ssn)=(…) already exists``, ``Failing row contains (…)``, ``invalid input syntax for
+    type integer: "…"``): a name or a diagnosis in them matches no recognizer. Then what the
+    recognizers find is masked with ``strategy``. ``recognizers`` defaults to every recognizer
+    that works on free text (all built-ins but ``zip``, and every ``custom`` one), in free-text
+    scope (see ``bastion.policies.recognizers``).
+
+    Returns the masked text and counts: spans per recognizer, and echoed values under
+    ``echoed-value``.
     """
     if strategy not in STRATEGIES or strategy == "null":
         raise MaskingConfigError(f"free text can be masked with redact, partial or hash, not {strategy!r}")
@@ -1116,11 +1151,16 @@ def mask_text(
         scanner = compile_scanner(names, tuple(custom), scoped=False)
     except RecognizerError as exc:
         raise MaskingConfigError(str(exc)) from None
+    counts: Counter[str] = Counter()
+    if echoed_values:
+        text, echoed = _redact_echoed_values(text)
+        if echoed:
+            counts[ECHOED_VALUE_KEY] = echoed
     data = text.encode("utf-8", "surrogateescape")
     spans = scanner.find(data)
     if not spans:
-        return text, {}
-    counts: Counter[str] = Counter(name for span in spans for name in span.recognizers)
+        return text, dict(counts)
+    counts.update(name for span in spans for name in span.recognizers)
     strategies = dict.fromkeys(scanner.names, strategy)
     masked = _rewrite_spans(data, spans, strategies, scanner.recognizers, _Keyed(hash_key))
     if masked is None:  # pragma: no cover - null is refused above

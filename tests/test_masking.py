@@ -585,9 +585,33 @@ def test_copy_uses_text_format_even_when_rows_are_binary():
 def test_mask_text_error_detail():
     text, counts = mask_text("Key (ssn)=(123-45-6789) already exists.")
     assert text == "Key (ssn)=([REDACTED]) already exists."
+    assert counts == {"echoed-value": 1}
+    text, counts = mask_text("Key (ssn)=(123-45-6789) already exists.", echoed_values=False)
+    assert text == "Key (ssn)=([REDACTED]) already exists."
     assert counts == {"ssn": 1}
-    assert mask_text("Key (ssn)=(123456789) already exists.")[0] == "Key (ssn)=([REDACTED]) already exists."
     assert mask_text("relation \"patients\" does not exist") == ("relation \"patients\" does not exist", {})
+
+
+@pytest.mark.parametrize(
+    ("detail", "masked_detail"),
+    [
+        ("Key (name, dob)=(Ann Lee, 1980-05-01) already exists.", "Key (name, dob)=([REDACTED]) already exists."),
+        ("Key (lower(email::text))=(ann@x.org) already exists.", "Key (lower(email::text))=([REDACTED]) already exists."),
+        ('Key (patient_id)=(7) is not present in table "patients".', 'Key (patient_id)=([REDACTED]) is not present in table "patients".'),
+        ('Key (id)=(7) is still referenced from table "visits".', 'Key (id)=([REDACTED]) is still referenced from table "visits".'),
+        (
+            "Key (room, during)=(12, [2024-01-01,2024-01-02)) conflicts with existing key (room, during)=(12, [2024-01-01,2024-01-03)).",
+            "Key (room, during)=([REDACTED]) conflicts with existing key (room, during)=([REDACTED]).",
+        ),
+        ("Failing row contains (1, Ann Lee, diabetes, null).", "Failing row contains ([REDACTED])."),
+        ('invalid input syntax for type integer: "Ann Lee"', 'invalid input syntax for type integer: "[REDACTED]"'),
+        ('invalid input value for enum mood: "grumpy"', 'invalid input value for enum mood: "[REDACTED]"'),
+        ('value "99999999999" is out of range for type integer', 'value "[REDACTED]" is out of range for type integer'),
+        ('date/time field value out of range: "1980-13-45"', 'date/time field value out of range: "[REDACTED]"'),
+    ],
+)
+def test_mask_text_redacts_values_postgres_echoes(detail, masked_detail):
+    assert mask_text(detail)[0] == masked_detail
 
 
 def test_mask_text_strategies_and_recognizers():
