@@ -105,6 +105,7 @@ __all__ = [
     "MIN_HASH_KEY_BYTES",
     "REDACTED",
     "STRATEGIES",
+    "UNTRACED_MODES",
     "MaskingConfigError",
     "MaskingError",
     "MaskingUnsupported",
@@ -926,14 +927,16 @@ class RowMasker:
         null: bytes | None = None,
         quote: bytes = b'"',
         escape: bytes | None = None,
+        header: bool = False,
     ) -> bytes:
         """Mask one row of COPY ... TO STDOUT data (PostgreSQL sends one row per CopyData).
 
         ``text``: tab-separated, ``\\N`` for NULL, backslash escapes (unescaped before masking,
         escaped again after). ``csv``: comma-separated, unquoted empty field for NULL, ``"``
         quoting with doubled quotes; masked fields are always written quoted. Non-default COPY
-        options go in ``delimiter``/``null``/``quote``/``escape``. A CSV ``HEADER`` line is not a
-        row: do not pass it here. Unchanged fields keep their original bytes.
+        options go in ``delimiter``/``null``/``quote``/``escape``. ``header`` (COPY's HEADER
+        option) is accepted and ignored: the header line names columns, holds no row, and must
+        not be passed here. Unchanged fields keep their original bytes.
         """
         if self.deny_reason is not None:
             raise MaskingError(self.deny_reason)

@@ -562,7 +562,7 @@ def test_copy_csv_quoting():
 def test_copy_csv_null_strategy_and_options():
     plan = plan_for([col("ssn"), col("x")], [MaskRule("ssn", columns=("*.ssn",), strategy="null")])
     assert plan.mask_copy_line(b'"123-45-6789",x\n', "csv") == b",x\n"
-    assert plan.mask_copy_line(b"'123;45';x\n", "csv", delimiter=b";", quote=b"'", null=b"NA") == b"NA;x\n"
+    assert plan.mask_copy_line(b"'123;45';x\n", "csv", delimiter=b";", quote=b"'", null=b"NA", header=True) == b"NA;x\n"
     with pytest.raises(MaskingError):
         plan.mask_copy_line(b'"unterminated,x\n', "csv")
 
