@@ -1139,6 +1139,18 @@ class ChainCursor:
         return complete
 
 
+def iter_segment(path: Path) -> Iterator[ScannedRecord]:
+    """The intact records of one segment file in file order (no linkage checks: see verify)."""
+    with mapped(path) as buffer:
+        try:
+            start = read_header(buffer).end
+        except AuditLogError:
+            return
+        for item in scan_frames(buffer, start):
+            if isinstance(item, ScannedRecord):
+                yield item
+
+
 def chain_of(directory: Path, slot: str) -> str | None:
     """The chain id written in a slot (from its newest readable header or manifest)."""
     segments, manifests = segment_numbers(directory, slot)
