@@ -70,6 +70,7 @@ from bastion.policies.findings import FINDINGS
 from bastion.policies.fingerprint import (
     MYSQL,
     POSTGRES,
+    Lexed,
     canonical_dialect,
     digest,
     fingerprint,
@@ -674,6 +675,13 @@ class _Session:
         self.catalog = catalog
         self.prepared: dict[str, StatementAnalysis] = dict(prepared or {})
         self.sqlglot = _sqlglot_dialect(dialect)
+        self._lexed: dict[str, Lexed] = {}
+
+    def lex(self, text: str) -> Lexed:
+        lexed = self._lexed.get(text)
+        if lexed is None:
+            lexed = self._lexed[text] = lex(text, self.dialect)
+        return lexed
 
 
 class _Facts:
@@ -749,7 +757,7 @@ class _Facts:
             self.fail("unparsable", f"unexpected kind {self.kind}")
         if self.kind == "unknown" and not any(FINDINGS[name].weight >= 80 for name in self.findings):
             self.find("unparsable")
-        lexed = lex(self.text, self.dialect)
+        lexed = self.session.lex(self.text)
         read_tables = set(self.tables_referenced)
         for column in self.columns_read:
             table = column.rpartition(".")[0]
@@ -898,7 +906,7 @@ def _analyze_text(sql: str, session: _Session, depth: int) -> tuple[StatementAna
     if len(sql) > MAX_SQL_LENGTH:
         return (_unknown(_shortened(sql), dialect, "unparsable", "statement too long"),)
     text = unwrap_executable_comments(sql) if dialect == MYSQL else sql
-    lexed = lex(text, dialect)
+    lexed = session.lex(text)
     if lexed.odd_characters:
         return (_unknown(text, dialect, "odd-characters"),)
     if lexed.unterminated:
@@ -2392,7 +2400,11 @@ class _Lineage:
         so such trees are resolved by this class alone, as is any tree the qualifier rejects.
         """
         schema = _mapping_schema(self.catalog, self.facts.dialect)
-        if schema is None or any(isinstance(node, _DML_TYPES) for node in tree.walk()):
+        if schema is None or tree.find(exp.Star) is None:
+            # without a star the qualifier adds nothing this class does not do itself (the lineage
+            # tests check that both ways agree), and it is the costliest step of an analysis
+            return tree
+        if tree.find(*_DML_TYPES) is not None:
             return tree
         try:
             return qualify(

@@ -52,20 +52,16 @@ def canonical_dialect(dialect: str | None) -> str:
 # --- the cheap fingerprint -----------------------------------------------------------------------
 #
 # The cheap normaliser gives up (returns None) on anything it cannot handle with certainty:
-# comments and their look-alikes, backslashes (E'' strings, MySQL escapes), dollar signs other than
-# $n parameters (dollar quotes), `#` (a MySQL comment), `?` (the placeholder it substitutes, so it
-# must not occur in the input) and every character outside printable ASCII plus tab, newline and
-# carriage return (non-ASCII whitespace and control characters are read differently by servers and
-# tokenizers). In MySQL a double-quoted token is a string or an identifier depending on sql_mode
-# (ANSI_QUOTES), so `"` is refused there too.
+# backslashes (E'' strings, MySQL escapes), dollar signs other than $n parameters (dollar quotes),
+# every character outside printable ASCII plus tab, newline and carriage return (non-ASCII
+# whitespace and control characters are read differently by servers and tokenizers), and, outside
+# string literals, comment markers, `#` (a MySQL comment), `?` (the placeholder it substitutes) and
+# in MySQL `"` (a string or an identifier depending on sql_mode's ANSI_QUOTES).
 #
 # Written for speed: CPython's regex engine scans fast for a pattern that starts with a character
 # class or a literal, and slowly for alternations and look-behinds, so the work is split into a
 # one-class search, plain substring tests, a string pass and a digit pass.
-_UNSAFE_CHARACTER = {
-    POSTGRES: re.compile(r"[^\t\n\r\x20-\x22\x25-\x3e\x40-\x5b\x5d-\x7e]"),
-    MYSQL: re.compile(r"[^\t\n\r\x20\x21\x25-\x3e\x40-\x5b\x5d-\x7e]"),
-}
+_UNSAFE_CHARACTER = re.compile(r"[^\t\n\r\x20-\x23\x25-\x5b\x5d-\x7e]")
 _DOLLAR_NOT_PARAMETER = re.compile(r"\$(?![0-9])")
 _STRING = r"'[^']*'(?:'[^']*')*"
 _STRING_LITERAL = re.compile(_STRING)
@@ -85,12 +81,14 @@ _LITERAL_IDENTIFIER_OR_STRAY = {
 }
 # never in an accepted input: the unsafe pattern refuses control characters
 _STRAY_MARK = "\x00"
+_LITERAL_MARK = "\x01"
+_QUOTED_IDENTIFIER_PATTERN = {dialect: re.compile(quoted) for dialect, quoted in _QUOTED_IDENTIFIER.items()}
 
 
 def _keep_identifier(match: re.Match[str]) -> str:
     if match.group(1):
         return match.group(1)
-    return _STRAY_MARK if match.group(2) else PLACEHOLDER
+    return _STRAY_MARK if match.group(2) else _LITERAL_MARK
 
 
 def fingerprint(sql: str, dialect: str) -> str | None:
@@ -103,25 +101,32 @@ def fingerprint(sql: str, dialect: str) -> str | None:
     caller must analyse the statement in full.
     """
     dialect = _DIALECT_NAMES.get(dialect, dialect)
-    unsafe = _UNSAFE_CHARACTER.get(dialect)
-    if unsafe is None:
+    quote = _QUOTE_CHARACTER.get(dialect)
+    if quote is None:
         raise ValueError(f"unsupported SQL dialect {dialect!r}")
-    found = unsafe.search(sql)
+    found = _UNSAFE_CHARACTER.search(sql)
     if found is not None and (found.group() != "$" or _DOLLAR_NOT_PARAMETER.search(sql)):
         return None
-    if "--" in sql or "/*" in sql or "*/" in sql:
-        return None
-    if _QUOTE_CHARACTER[dialect] in sql:
+    if quote in sql:
         # Quoted identifiers are case- and whitespace-sensitive: keep the text as it is apart
         # from the literals (a cache miss for a differently spelled statement costs only time).
         text = _LITERAL_IDENTIFIER_OR_STRAY[dialect].sub(_keep_identifier, sql)
-        return None if _STRAY_MARK in text else text.strip()
+        outside = _QUOTED_IDENTIFIER_PATTERN[dialect].sub("", text)
+        if _STRAY_MARK in text or _outside_literals_unsafe(outside, dialect):
+            return None
+        return text.replace(_LITERAL_MARK, PLACEHOLDER).strip()
     text = sql
     if "'" in text:
-        text = _STRING_LITERAL.sub(PLACEHOLDER, text)
+        # Strings are replaced first (by a mark no input may contain), so what the checks below
+        # see is only the text outside them. Up to the first comment, this plain string pass
+        # reads the text exactly as the server does; so if no comment marker is left outside the
+        # strings, there was no comment at all.
+        text = _STRING_LITERAL.sub(_LITERAL_MARK, text)
         if "'" in text:  # an unterminated string: not something to share an analysis with
             return None
-    parts = _DIGIT_RUN.split(text)
+    if _outside_literals_unsafe(text, dialect):
+        return None
+    parts = _DIGIT_RUN.split(text.replace(_LITERAL_MARK, PLACEHOLDER))
     if len(parts) > 1:
         glue = _GLUE
         for index in range(1, len(parts), 2):
@@ -129,10 +134,24 @@ def fingerprint(sql: str, dialect: str) -> str | None:
             if not ((before and before[-1] in glue) or (after and after[0] in glue)):
                 parts[index] = PLACEHOLDER
         text = "".join(parts)
+    else:
+        text = parts[0]
     text = text.lower()
     if "  " in text or "\n" in text or "\t" in text or "\r" in text:
         return " ".join(text.split())
     return text.strip()
+
+
+def _outside_literals_unsafe(text: str, dialect: str) -> bool:
+    """Comment markers, `#`, `?` (the placeholder) or a MySQL double quote outside the strings."""
+    return (
+        "--" in text
+        or "/*" in text
+        or "*/" in text
+        or "#" in text
+        or "?" in text
+        or (dialect == MYSQL and '"' in text)
+    )
 
 
 # --- the full lexer ----------------------------------------------------------------------------
