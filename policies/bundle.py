@@ -150,6 +150,7 @@ SQL_STATEMENT_KINDS = (
 ANY = "*"
 CONNECT = "connect"
 UNKNOWN = "unknown"
+_KNOWN_STATEMENTS = frozenset({*SQL_STATEMENT_KINDS, *CAPABILITIES, ANY, CONNECT, UNKNOWN})
 DEFAULT_REVIEW_TIMEOUT = 900.0
 SHIPPED_BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
@@ -162,7 +163,7 @@ _MAX_GLOB_CHARS = 256
 _VERSION_HEX_DIGITS = 12
 _RULES_FOR_CACHE_SIZE = 4096  # distinct (target, identity) pairs; far more than a gateway sees
 _PATTERN_MEMO_SIZE = 4096  # names remembered per pattern list
-_MEMO_SIZE = 256  # derived values per (target, identity): one per grant and action in practice
+_MEMO_SIZE = 16384  # remembered decisions: one per identity, target and statement shape in use
 
 
 class BundleError(Exception):
@@ -234,9 +235,6 @@ class Patterns:
     def matching(self, names: Iterable[str]) -> list[str]:
         return [name for name in names if self.matches(name)]
 
-    def __str__(self) -> str:
-        return ", ".join(self.texts)
-
 
 @attrs.frozen
 class IdentityMatch:
@@ -252,10 +250,6 @@ class IdentityMatch:
         if self.providers is not None and identity.provider not in self.providers:
             return False
         return self.subjects is None or self.subjects.matches(identity.subject)
-
-    @property
-    def everyone(self) -> bool:
-        return self.groups is None and self.subjects is None and self.providers is None
 
 
 EVERYONE = IdentityMatch()
@@ -286,6 +280,8 @@ class Approval:
 
 @attrs.frozen
 class Grant:
+    """A ``[[grant]]``: lets ``identities`` run ``statements`` on ``targets`` (see the reference)."""
+
     id: str
     name: str
     where: str  # "file.toml: grant[0]", for messages about the rule
@@ -297,10 +293,6 @@ class Grant:
     capabilities: frozenset[str] = frozenset()
     description: str = ""
 
-    @property
-    def any_statement(self) -> bool:
-        return ANY in self.statements
-
     def allows_action(self, action: str) -> bool:
         if action in self.statements or action in self.capabilities:
             return True
@@ -309,6 +301,8 @@ class Grant:
 
 @attrs.frozen
 class Guardrail:
+    """A ``[[guardrail]]``: denies or holds requests carrying one of the ``detect`` findings."""
+
     id: str
     name: str
     where: str
@@ -340,6 +334,8 @@ class ReviewCondition:
 
 @attrs.frozen
 class Review:
+    """A ``[[review]]``: holds requests for which ``when`` holds, for ``approval``."""
+
     id: str
     name: str
     where: str
@@ -400,25 +396,12 @@ class Bundle:
 
 @attrs.frozen
 class ApplicableRules:
-    """The rules that apply to one identity on one target, in bundle order.
-
-    ``memo`` keeps values derived from these rules alone (the engine's allow decisions, which
-    depend only on the grant and the action), so repeated requests build nothing new.
-    """
+    """The rules that apply to one identity on one target, in bundle order."""
 
     grants: tuple[Grant, ...]
     guardrails: tuple[Guardrail, ...]
     reviews: tuple[Review, ...]
     masks: tuple[MaskRule, ...]
-    _memo: dict[Any, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)
-
-    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
-        found = self._memo.get(key)
-        if found is None:
-            found = make()
-            if len(self._memo) < _MEMO_SIZE:
-                self._memo[key] = found
-        return found
 
 
 def _in_scope(targets: Patterns | None, identities: IdentityMatch, exempt: IdentityMatch | None, target: str, identity: Identity) -> bool:
@@ -444,6 +427,18 @@ class PolicySet:
     masking: MaskingSettings
     warnings: tuple[str, ...] = ()
     _applicable: dict[tuple[Any, ...], ApplicableRules] = attrs.field(factory=dict, init=False, eq=False, repr=False)
+    _memo: dict[Any, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per ``key``: for values that depend on nothing but this
+        policy and the key. Bounded: the whole memo is dropped when it fills up."""
+        found = self._memo.get(key)
+        if found is None:
+            found = make()
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
 
     def rules_for(self, target: str, identity: Identity) -> ApplicableRules:
         """The rules in scope for ``identity`` on ``target`` (memoised: sessions repeat these)."""
@@ -922,6 +917,17 @@ def _array(raw: Mapping[str, Any], key: str, problems: _Problems) -> list[tuple[
     return [(f"{key}[{index}]", item) for index, item in enumerate(value)]
 
 
+def _warn_about_near_misses(statements: Iterable[str], where: str, problems: _Problems) -> None:
+    """A misspelt statement kind grants nothing (fail closed) but silently: say so at load time.
+    Protocol actions cannot be checked, so only names close to a SQL kind are mentioned."""
+    for index, name in enumerate(statements):
+        if name in _KNOWN_STATEMENTS:
+            continue
+        close = difflib.get_close_matches(name, SQL_STATEMENT_KINDS, n=1, cutoff=0.8)
+        if close:
+            problems.warn(f"{where}[{index}]", f'"{name}" is not a SQL statement kind; did you mean "{close[0]}"? (fine if it is a protocol action)')
+
+
 def _unique(name: str, where: str, seen: dict[str, str], kind: str, problems: _Problems) -> bool:
     if name in seen:
         problems.error(f"{where}.name", f'another {kind} is already called "{name}" ({seen[name]})')
@@ -938,6 +944,7 @@ def _compile_grant(spec: _GrantSpec, stem: str, where: str, problems: _Problems)
     if not spec.statements:
         problems.error(f"{where}.statements", 'list at least one statement kind, e.g. ["select"] (or "*")')
         return None
+    _warn_about_near_misses(spec.statements, f"{where}.statements", problems)
     if UNKNOWN in spec.statements:
         problems.warn(f"{where}.statements", '"unknown" lets through statements Bastion could not classify; prefer listing what is needed')
     if identities is None or targets is None or (spec.tables is not None and tables is None) or (spec.columns is not None and columns is None):
@@ -1005,6 +1012,7 @@ def _compile_review(spec: _ReviewSpec, stem: str, where: str, problems: _Problem
         if getattr(when, key) is not None and not getattr(when, key):
             problems.error(f"{where}.when.{key}", "an empty list never matches; leave the key out instead")
             ok = False
+    _warn_about_near_misses(when.statements or (), f"{where}.when.statements", problems)
     tables = _patterns(when.tables, f"{where}.when.tables", problems, case_sensitive=False, empty="an empty list never matches; leave the key out instead")
     identities = _identities(spec.identities, f"{where}.identities", problems, required=False)
     exempt = _identities(spec.exempt, f"{where}.exempt", problems, required=False) if spec.exempt is not None else None

@@ -1,9 +1,11 @@
 """The authorization engine: one pure function from (policy, identity, target, request) to a decision.
 
-It runs for every statement, so the work that does not depend on the request — which grants,
-guardrails and reviews are in scope for this identity on this target — is memoised by
-:meth:`bastion.policies.bundle.PolicySet.rules_for`; what is left is a handful of set look-ups
-and glob matches on the request's tables and columns.
+It runs for every statement, so it remembers: which grants, guardrails and reviews are in scope
+for an identity on a target (:meth:`bastion.policies.bundle.PolicySet.rules_for`), and the final
+decision for each identity, target and request shape (action, message kind, tables, columns,
+findings — everything a decision depends on), both in bounded memos on the policy set. A new
+statement shape costs a handful of set look-ups and glob matches (plus ``Decision.combine`` when
+several rules speak); a repeated one costs building its key.
 
 How a request is decided (every decision carries rule ids, plain-sentence reasons and the policy
 version; they are combined with :meth:`Decision.combine`, deny over review over allow):
@@ -52,12 +54,35 @@ _NONE: frozenset[str] = frozenset()
 def evaluate(policy: PolicySet, identity: Identity, target: str, request: Request) -> Decision:
     """The combined decision for ``request``. Never raises: a failure denies."""
     try:
-        decisions = _decide(policy, identity, target, request)
-        if len(decisions) == 1 and decisions[0].enforced:
-            return decisions[0]  # what combine would return, without its cost on the common path
-        return Decision.combine(decisions)
+        return policy.memo(_decision_key(identity, target, request), lambda: _combined(policy, identity, target, request))
     except Exception as exc:  # fail closed, whatever went wrong
         return _failure(policy, exc)
+
+
+def _decision_key(identity: Identity, target: str, request: Request) -> tuple[object, ...]:
+    """Everything a decision depends on besides the policy; keep in step with :func:`_decide`.
+
+    Jobs send the same statements again and again, so most requests are decided from the memo.
+    """
+    return (
+        target,
+        identity.provider,
+        identity.subject,
+        identity.groups,
+        request.action,
+        request.message.kind,
+        request.tables_read,
+        request.tables_written,
+        request.columns_read,
+        tuple((finding.name, finding.weight) for finding in request.findings),
+    )
+
+
+def _combined(policy: PolicySet, identity: Identity, target: str, request: Request) -> Decision:
+    decisions = _decide(policy, identity, target, request)
+    if len(decisions) == 1 and decisions[0].enforced:
+        return decisions[0]  # what combine would return, without its cost
+    return Decision.combine(decisions)
 
 
 def evaluate_all(policy: PolicySet, identity: Identity, target: str, request: Request) -> tuple[Decision, ...]:
@@ -133,7 +158,8 @@ def _grant_decision(rules: ApplicableRules, target: str, request: Request, actio
     for grant in rules.grants:
         miss = _why_not(grant, request, action, needed)
         if miss is None:
-            return rules.memo(("allow", grant.id, action), lambda: _allow(grant, target, action, version))
+            what = f"access to {target}" if action == CONNECT else f"{action} on {target}"
+            return Decision.allow(grant.id, f'grant "{grant.name}" allows {what}', version)
         nearest_miss = nearest_miss or miss
     if not rules.grants:
         reason = f"no grant gives this identity access to {target}"
@@ -144,11 +170,6 @@ def _grant_decision(rules: ApplicableRules, target: str, request: Request, actio
     else:
         reason = f"no grant allows {action} on {target}: {nearest_miss}"
     return Decision.deny(DEFAULT_DENY_RULE, reason, version)
-
-
-def _allow(grant: Grant, target: str, action: str, version: str) -> Decision:
-    what = f"access to {target}" if action == CONNECT else f"{action} on {target}"
-    return Decision.allow(grant.id, f'grant "{grant.name}" allows {what}', version)
 
 
 def _why_not(grant: Grant, request: Request, action: str, needed: frozenset[str]) -> str | None:

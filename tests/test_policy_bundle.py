@@ -190,11 +190,18 @@ def test_statement_names_are_normalised_to_lower_case_single_spaced() -> None:
     assert policy.grants[0].statements == frozenset({"select", "config get", "*"})
 
 
+def test_protocol_actions_and_sql_kinds_load_without_warnings() -> None:
+    policy = merge([parse(GRANT.replace('["select"]', '["select", "tcl", "get", "hgetall", "config get", "function-call"]'))])
+    assert policy.warnings == ()
+
+
 @pytest.mark.parametrize(
     ("text", "warning"),
     [
         (GRANT.replace('["select"]', '["select", "unknown"]'), 'hipaa.toml: grant[0].statements: "unknown" lets through statements Bastion could not classify'),
         ('[[guardrail]]\nname = "x"\ndetect = ["sleep"]\nenforce = false', 'hipaa.toml: guardrail[0]: guardrail "x" is a dry run'),
+        (GRANT.replace('["select"]', '["selct"]'), 'hipaa.toml: grant[0].statements[0]: "selct" is not a SQL statement kind; did you mean "select"?'),
+        ('[[review]]\nname = "r"\nwhen = { statements = ["delte"] }\napprovers = { groups = ["p"] }', 'hipaa.toml: review[0].when.statements[0]: "delte" is not a SQL statement kind; did you mean "delete"?'),
     ],
 )
 def test_risky_but_valid_choices_load_with_a_warning(text: str, warning: str) -> None:

@@ -318,8 +318,9 @@ def test_a_failure_in_a_rule_denies_with_the_policy_version(monkeypatch: pytest.
     def explode(*_):
         raise RuntimeError("secret value 123-45-6789")
 
-    monkeypatch.setattr(type(POLICY.grants[0].tables), "matches", explode)
-    decision = decide(NIGHTLY, request("select", read={"public.visits"}))
+    fresh = load_policy_files([FIXTURES / "clinic.toml"])  # nothing remembered yet
+    monkeypatch.setattr(type(fresh.grants[0].tables), "matches", explode)
+    decision = decide(NIGHTLY, request("select", read={"public.visits"}), policy=fresh)
     assert decision.rules == ("policy-error",) and decision.policy_version == VERSION
     assert "6789" not in decision.summary  # the exception's message may quote data: never repeated
 
@@ -355,6 +356,22 @@ def test_an_identity_no_grant_names_is_never_allowed(target, action, read, findi
 def test_repeated_evaluation_gives_equal_decisions() -> None:
     req = request("select", read={"public.visits"})
     assert decide(NIGHTLY, req) == decide(NIGHTLY, req) == decide(attrs.evolve(NIGHTLY, token_id="another-token"), req)
+
+
+def test_remembered_decisions_are_told_apart_by_everything_a_decision_depends_on() -> None:
+    policy = load_policy_files([FIXTURES / "clinic.toml"])
+    visits = request("select", read={"public.visits"})
+    assert decide(NIGHTLY, visits, policy=policy).verdict is Verdict.ALLOW
+    assert decide(attrs.evolve(NIGHTLY, groups={"visitors"}), visits, policy=policy).verdict is Verdict.DENY
+    assert decide(attrs.evolve(NIGHTLY, provider="other"), request("select", read={"staging.raw"}), policy=policy).verdict is Verdict.DENY
+    assert decide(NIGHTLY, visits, target="reporting-eu", policy=policy).verdict is Verdict.DENY
+    assert decide(NIGHTLY, attrs.evolve(visits, action="update"), policy=policy).verdict is Verdict.DENY
+    assert decide(NIGHTLY, attrs.evolve(visits, tables_written={"public.x"}), policy=policy).verdict is Verdict.DENY
+    assert decide(NIGHTLY, attrs.evolve(visits, columns_read={"public.patients.ssn"}), policy=policy).verdict is Verdict.DENY
+    assert decide(NIGHTLY, attrs.evolve(visits, message=Message("postgres", "function-call")), policy=policy).verdict is Verdict.DENY
+    light = attrs.evolve(visits, findings=(Finding("select-into", 10, ""),))
+    heavy = attrs.evolve(visits, findings=(Finding("select-into", 95, ""),))
+    assert [decide(NIGHTLY, r, policy=policy).verdict for r in (light, heavy, light)] == [Verdict.ALLOW, Verdict.DENY, Verdict.ALLOW]
 
 
 # --- masking rules ---------------------------------------------------------------------------------------
