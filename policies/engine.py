@@ -110,10 +110,9 @@ def _failure(policy: object, exc: Exception) -> Decision:
     )
 
 
-def needed_capabilities(request: Request, finding_names: frozenset[str]) -> frozenset[str]:
-    needed = {name for name in (request.action, request.message.kind) if name in _CAPABILITY_NAMES}
-    needed.update(_CAPABILITY_NAMES & finding_names)
-    return frozenset(needed)
+def needed_capabilities(action: str, message_kind: str, finding_names: frozenset[str]) -> frozenset[str]:
+    """The capabilities a request asks for by its action, its message kind or a finding's name."""
+    return _CAPABILITY_NAMES & ({action, message_kind} | finding_names)
 
 
 def _decide(policy: PolicySet, identity: Identity, target: str, request: Request) -> list[Decision]:
@@ -122,10 +121,7 @@ def _decide(policy: PolicySet, identity: Identity, target: str, request: Request
     action = request.action.lower()
     findings = request.findings
     finding_names = frozenset(finding.name for finding in findings) if findings else _NONE
-    if findings or action in _CAPABILITY_NAMES or request.message.kind in _CAPABILITY_NAMES:
-        needed = needed_capabilities(request, finding_names)
-    else:
-        needed = _NONE
+    needed = needed_capabilities(action, request.message.kind, finding_names)
 
     decisions = [_grant_decision(rules, target, request, action, needed, version)]
     if findings:
