@@ -178,7 +178,7 @@ def test_found_text_hashes_in_canonical_form_so_joins_work():
 
 def test_null_strategy_with_recognizers_nulls_the_cell():
     plan = plan_for([col("note")], [MaskRule("n", columns=("*.note",), recognizers=("ssn",), strategy="null")])
-    assert masked(plan, b"ssn 123-45-6789", ) == [None]
+    assert masked(plan, b"ssn 123-45-6789") == [None]
     assert masked(plan, b"clean") == [b"clean"]
 
 

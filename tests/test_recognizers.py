@@ -470,7 +470,8 @@ def test_a_pathological_pattern_runs_in_linear_time_under_re2():
 
 @pytest.mark.parametrize(
     "unit",
-    [b"a", b"1", b"1-", b"1 ", b"a@", b"a.", b"a:", b"1:", b"1.", b"1/", b"ab12 ", b"(2", b"+1", b"DE89", b"\xff@"],
+    [b"a", b"1", b"1-", b"1 ", b"a@", b"a.", b"a:", b"1:", b"1.", b"1/", b"ab12 ", b"(2", b"+1", b"DE89", b"\xff@",
+     b"a@b.", b"::", b"1111 ", b"(212) ", b"+1 ", b"DE89 3704 ", b"x@" + b"a." * 9],
 )
 def test_adversarial_input_completes(unit):
     # quadratic behaviour would take minutes here (and trip the suite's timeout)
