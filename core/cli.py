@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = load(args.config)
     from bastion.core.server import Gateway
 
-    gateway = Gateway(loaded.config, loaded.hooks, policy=loaded.policy)
+    gateway = Gateway(loaded.config, loaded.hooks, policy=loaded.policy, worker_index=args.worker_index)
     try:
         trio.run(_serve, gateway, args.worker_index is not None)
     except GatewayError as exc:

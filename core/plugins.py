@@ -19,6 +19,13 @@ ENTRY_POINT_GROUP = "bastion"
 # name -> module. The name is what `gateway.disable_plugins` and `bastion plugins` use.
 BUILTIN_PLUGINS: dict[str, str] = {
     "tcp": "bastion.plugins.tcp",
+    "sql": "bastion.plugins.sql",
+    "policy": "bastion.plugins.policy",
+    "masking": "bastion.plugins.masking",
+    "oidc": "bastion.plugins.identity_oidc",
+    "keycloak": "bastion.plugins.identity_keycloak",
+    "audit-sinks": "bastion.plugins.audit_sinks",
+    "audit-commands": "bastion.plugins.audit_commands",
 }
 
 

@@ -120,15 +120,20 @@ class Gateway:
     addresses from :attr:`addresses` once ``await nursery.start(gateway.run)`` returns.
     """
 
-    def __init__(self, config: Config, hooks: Hooks, *, policy: Any = None, trail: Any = None) -> None:
+    def __init__(self, config: Config, hooks: Hooks, *, policy: Any = None, trail: Any = None, worker_index: int | None = None) -> None:
         self.config = config
         self.hooks = hooks
         self.metrics = Metrics()
-        if trail is None:
-            from bastion.core.audit import AuditTrail
-
-            trail = AuditTrail(config.audit, config.gateway.state_dir, sinks=(), on_record=None)
         self.runtime = Runtime(config, hooks, policy, trail, self.metrics)
+        if trail is None:
+            from bastion.core.audit import AuditTrail, build_sinks
+
+            self.runtime.trail = AuditTrail(
+                config.audit,
+                config.gateway.state_dir,
+                sinks=build_sinks(config, hooks, self.runtime.resolve_secret),
+                slot=f"worker-{worker_index}" if worker_index is not None else "main",
+            )
         self.targets: dict[str, TargetRuntime] = {}
         self.addresses: dict[str, Address] = {}
         self.admin_address: Address | None = None
@@ -141,9 +146,11 @@ class Gateway:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED, handle_signals: bool = False, reuse_port: bool = False) -> None:
         config = self.config
         protocols = self.hooks.protocols()
+        hash_key = await trio.to_thread.run_sync(self._hash_key)
         for target in config.targets:
             spec = protocols[target.protocol]
             self.targets[target.name] = TargetRuntime(target, spec.factory(target, self.runtime))
+            self.targets[target.name].state["gateway.hash_key"] = hash_key
         listeners = self._bind_all(reuse_port)
         admin_listener = self._bind_admin(reuse_port)
         runtime = self.runtime
@@ -195,6 +202,13 @@ class Gateway:
                 listener.socket.close()
             if admin_listener is not None:
                 admin_listener.socket.close()
+
+    def _hash_key(self) -> bytes:
+        """The key of keyed-hash masking: configured, or generated once into the state directory
+        so pseudonyms stay the same across restarts and workers."""
+        if self.config.gateway.hash_key is not None:
+            return self.runtime.resolve_secret(self.config.gateway.hash_key).reveal().encode()
+        return load_or_create_key(self.config.gateway.state_dir / "masking.key")
 
     def shutdown(self, reason: str = "shutdown requested") -> None:
         """Stop accepting; open sessions get ``gateway.shutdown_grace`` to finish."""
@@ -340,6 +354,27 @@ class Gateway:
                 log.exception("identity provider %s failed to close", name)
 
 
+HASH_KEY_BYTES = 32
+
+
+def load_or_create_key(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = os.urandom(HASH_KEY_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another worker won the race: use its key
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key
+
+
 def _classify(exc: BaseException, session_id: str) -> tuple[str, str]:
     """The reason a session ended, from what its handler raised (possibly in a group)."""
     leaf = _first_leaf(exc)
@@ -384,7 +419,7 @@ def bind_listener(address: Address, reuse_port: bool, where: str) -> trio.Socket
     except socket.gaierror as exc:
         raise GatewayError(f"{where}: cannot resolve {address.host!r}: {exc.strerror}") from None
     family, type_, proto, _, sockaddr = infos[0]
-    sock = trio.socket.socket(family, type_, proto)
+    sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -396,7 +431,7 @@ def bind_listener(address: Address, reuse_port: bool, where: str) -> trio.Socket
     except OSError as exc:
         sock.close()
         raise GatewayError(f"{where}: cannot listen on {address}: {(exc.strerror or str(exc)).lower()}") from None
-    return trio.SocketListener(sock)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}

@@ -249,7 +249,7 @@ class Session:
         describe (e.g. PostgreSQL's Parse message). Use :meth:`check` to also record."""
         requests = self.hooks.parse(self._info, message)
         decisions = [self.hooks.authorize(self._info, request) for request in requests]
-        return requests, decisions[0] if len(decisions) == 1 else _combine_statements(decisions)
+        return requests, decisions[0] if len(decisions) == 1 else combine_statements(decisions)
 
     async def check(
         self,
@@ -385,7 +385,7 @@ class Session:
         )
 
 
-def _combine_statements(decisions: list[Decision]) -> Decision:
+def combine_statements(decisions: list[Decision]) -> Decision:
     """A message of several statements runs only if every statement may run."""
     if not decisions:
         return Decision.deny("empty", "the message carries no statement")
