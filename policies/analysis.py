@@ -89,6 +89,7 @@ __all__ = [
     "analyze",
     "cursor_key",
     "remember_prepared",
+    "search_path_after",
     "to_request",
 ]
 
@@ -209,6 +210,10 @@ class Catalog:
 
     def columns(self, table: str) -> tuple[str, ...] | None:
         return self.tables.get(table)
+
+    def with_search_path(self, search_path: Iterable[str]) -> Catalog:
+        """The same tables seen from another search path (a new version: caches must not mix)."""
+        return Catalog(self.tables, search_path, digest(f"{self.version}|{','.join(search_path)}"))
 
     def resolve(self, name: str, dialect: str = POSTGRES) -> str:
         """The qualified name an unqualified table name refers to, as the server would find it."""
@@ -342,6 +347,19 @@ def remember_prepared(
                 del prepared[key]
         elif effect == "discard-all":
             prepared.clear()
+
+
+def search_path_after(analysis: StatementAnalysis) -> tuple[str, ...] | None:
+    """The search path a statement sets (``SET search_path``, MySQL ``USE``), if Bastion can tell.
+
+    The caller should then analyse the session's later statements with
+    ``catalog.with_search_path(path)``. ``RESET search_path`` and ``SET search_path TO DEFAULT``
+    report the effect with no path: the caller restores the path it started the session with.
+    """
+    if analysis.session_effect not in ("search-path", "use") or not analysis.statement_name:
+        return None
+    path = tuple(part for part in analysis.statement_name.split(",") if part)
+    return None if path in ((), ("default",)) else path
 
 
 def to_request(analysis: StatementAnalysis, message: Message) -> Request:
@@ -645,6 +663,12 @@ _TABLE_LIKE_KINDS = frozenset(
     {"TABLE", "VIEW", "MATERIALIZED VIEW", "SEQUENCE", "FOREIGN TABLE", "TEMPORARY TABLE"}
 )
 _GENERATED_ALIAS = re.compile(r"_col_\d+")
+# sqlglot models some syntax as function nodes (AND, CASE, CAST, EXISTS, ARRAY[…]): not calls
+_SYNTAX_FUNCTIONS = tuple(
+    getattr(exp, name)
+    for name in ("Connector", "Case", "Cast", "TryCast", "Collate", "Exists", "Array")
+    if hasattr(exp, name)
+)
 # sqlglot >= 2x names a whole-row reference TableColumn once qualified; older versions do not
 _TABLE_COLUMN = getattr(exp, "TableColumn", None)
 
@@ -923,6 +947,10 @@ def _analyze_text(sql: str, session: _Session, depth: int) -> tuple[StatementAna
     for statement in statements:
         analysis = _analyze_statement(statement, session, depth)
         remember_prepared(session.prepared, (analysis,))
+        new_path = search_path_after(analysis)
+        if new_path is not None:
+            # later statements of the same text resolve names the way the server then will
+            session.catalog = session.catalog.with_search_path(new_path)
         results.append(analysis)
     if len(results) > 1:
         count = len(results)
@@ -2013,11 +2041,13 @@ class _Walker:
 
     def collect(self, root: exp.Expr) -> None:
         for node in root.walk():
+            if isinstance(node, exp.Hint):
+                self.objects.add(id(node))  # optimizer hints name no functions that run
             self._writes(node, root)
         for node in root.walk(prune=lambda candidate: id(candidate) in self.objects):
             if id(node) in self.objects:
                 continue
-            if isinstance(node, exp.Func):
+            if isinstance(node, exp.Func) and not isinstance(node, _SYNTAX_FUNCTIONS):
                 self._function(node)
             elif isinstance(node, exp.Table):
                 self._table(node)

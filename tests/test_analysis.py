@@ -13,6 +13,7 @@ from bastion.policies.analysis import (
     analyze,
     cursor_key,
     remember_prepared,
+    search_path_after,
     to_request,
 )
 from bastion.policies.findings import FINDINGS
@@ -75,6 +76,20 @@ def test_unqualified_names_follow_the_search_path() -> None:
     assert Catalog.empty("mysql").resolve("patients", "mysql") == "patients"
     (analysis,) = analyze("SELECT id FROM patients LIMIT 1", "postgres", audit_first)
     assert analysis.tables_read == {"audit.patients"}
+
+
+def test_a_search_path_change_applies_to_the_rest_of_the_text_and_is_reported() -> None:
+    set_path, select = analyze("SET search_path TO audit, public; SELECT id FROM patients LIMIT 1", "postgres", CLINIC)
+    assert search_path_after(set_path) == ("audit", "public")
+    assert select.tables_read == {"audit.patients"}
+    (alone,) = analyze("SELECT id FROM patients LIMIT 1", "postgres", CLINIC.with_search_path(("audit", "public")))
+    assert alone.tables_read == {"audit.patients"}
+    assert CLINIC.with_search_path(("audit",)).version != CLINIC.version
+    use, select = analyze("USE audit; SELECT * FROM events LIMIT 1", "mysql", Catalog.from_rows(ROWS, "clinic"))
+    assert search_path_after(use) == ("audit",)
+    assert select.tables_read == {"audit.events"}
+    (reset,) = analyze("RESET search_path", "postgres")
+    assert reset.session_effect == "search-path" and search_path_after(reset) is None
 
 
 def test_pg_catalog_is_searched_first_as_the_server_does() -> None:
