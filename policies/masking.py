@@ -36,8 +36,9 @@ Strategies
     ``hash``    ``h:`` + the first 16 hex digits (64 bits) of HMAC-SHA256(hash_key, value): a
                 stable pseudonym, so equal values still join. Found text is hashed in canonical
                 form (digits only for numbers, lower-case e-mail, ISO date), whole values as their
-                text representation. Integer, numeric, uuid and bytea columns get a pseudonym of
-                their own type; other non-text types fall back to redact.
+                text representation (UTF-8, whatever the client encoding; binary values decoded
+                first, so both formats agree). Integer, numeric, uuid and bytea columns get a
+                pseudonym of their own type; other non-text types fall back to redact.
     ``null``    SQL NULL (a whole cell, also when only part of it was found).
 
 What a masked whole value becomes (text format / binary format)::
@@ -62,8 +63,14 @@ What a masked whole value becomes (text format / binary format)::
     arrays of the types above             {}                      / empty array of the element type
     anything else                         NULL                    / MaskingUnsupported at compile
 
-A type this module does not know is NULLed in text format (a string the client would have to
-parse as that type may not decode) and refused in binary format: :func:`compile_plan` raises
+Audit counts (:meth:`RowMasker.counts`)
+    Masked cells (not spans) per ``column:recognizer`` for what recognizers found,
+    ``column:rule`` for whole values, ``column:unreadable`` for binary values replaced because
+    they could not be read; columns of the same name add up.
+
+A type this module does not know is NULLed in text format when masked whole (a string the
+client would have to parse as that type may not decode; what recognizers find in its text is
+rewritten in place) and refused in binary format: :func:`compile_plan` raises
 :class:`MaskingUnsupported` unless the strategy is ``null``. Extension types whose text is just
 text (``citext``) can be declared with ``text_type_oids``. Types whose binary form is decoded
 here (integers, floats, numeric, bool, date, timestamps, uuid, bytea, jsonb and the text types)

@@ -94,6 +94,7 @@ KEYWORD_WINDOW = 40
 ``date of birth (mm/dd/yyyy): `` but not for the previous sentence's data."""
 
 MAX_EMAIL_LOCAL_PART = 64  # RFC 5321's limit; also bounds the walk back from '@'
+IPV6_MAX_CHARS = 45  # eight groups with an IPv4 tail: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
 MIN_BIRTH_YEAR = 1800  # older "dates of birth" are sentinels (0001-01-01), not people
 PARTIAL_KEEP_DIGITS = 4  # "partial" keeps this many trailing digits…
 PARTIAL_MIN_MASKED_DIGITS = 4  # …only when at least this many digits stay hidden
@@ -316,7 +317,7 @@ def _validate_ipv4(data: bytes, start: int, end: int, scoped: bool) -> Bounds | 
 
 def _validate_ipv6(data: bytes, start: int, end: int, scoped: bool) -> Bounds | None:
     # the candidate may start inside the first group ("fe80::1" is found at its '8')
-    while start > 0 and data[start - 1] in _HEX_BYTES and end - start < 45:
+    while start > 0 and data[start - 1] in _HEX_BYTES and end - start < IPV6_MAX_CHARS:
         start -= 1
     while end > start and data[end - 1] in b".:" and data[end - 2 : end] != b"::":
         end -= 1
@@ -534,6 +535,8 @@ _FORMS: tuple[_Form, ...] = (
     # forms whose candidates are often rejected (times, dates without a keyword, digit groups)
     # come last among the numbers, because a rejected candidate is offered to every later form.
     # Consecutive number forms share one run-start check in the combined pattern.
+    # from the '@': domain labels of at most 63 bytes (DNS), up to 9 of them; the validator walks
+    # back over the local part
     _Form("email", b"@", rb"[A-Za-z0-9\x80-\xff-]{1,63}(?:\.[A-Za-z0-9\x80-\xff-]{1,63}){1,8}", _validate_email),
     _number("ssn", _D, rb"[0-9]{2}(?:-[0-9]{2}-|\x20[0-9]{2}\x20|[0-9]{2})[0-9]{4}" + _NO_MORE_DIGITS, _validate_ssn),
     _number("npi", b"12", rb"[0-9]{9}" + _NO_MORE_DIGITS, _validate_npi),
@@ -547,11 +550,11 @@ _FORMS: tuple[_Form, ...] = (
     # bare, or grouped as cards are printed: a group of four, then groups of 3-6 digits
     # (4-4-4-4, 4-6-5, 4-6-4, 4-4-4-4-3) separated by a space or a dash
     _number("card", _D, rb"(?:[0-9]{12,18}|[0-9]{3}(?:[\x20-][0-9]{3,6}){2,4})" + _NO_MORE_DIGITS, _validate_card),
-    _number("ipv6", _D, rb"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f:.]{1,44}", _validate_ipv6),
+    _number("ipv6", _D, rb"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f:.]{1,%d}" % (IPV6_MAX_CHARS - 1), _validate_ipv6),
     _Form("phone", b"(", rb"[2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone),
     _Form("phone", b"+", rb"1\x20?\([2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone),
     _Form("phone", b"+", rb"[1-9](?:" + _SEP + rb"[0-9]){7,14}" + _NO_MORE_DIGITS, _validate_phone),
-    _Form("ipv6", b":", rb"(?<![0-9].)(?!::)[0-9A-Fa-f:.]{1,44}", _validate_ipv6),  # ":::" is no address
+    _Form("ipv6", b":", rb"(?<![0-9].)(?!::)[0-9A-Fa-f:.]{1,%d}" % (IPV6_MAX_CHARS - 1), _validate_ipv6),  # not ":::"
 )
 
 
