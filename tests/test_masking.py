@@ -744,3 +744,95 @@ def test_property_hash_is_deterministic_and_key_dependent(value, other):
     assert pseudonym(KEY, value) != pseudonym(OTHER_KEY, value)
     if value != other:
         assert pseudonym(KEY, value) != pseudonym(KEY, other)
+
+
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20), _values)
+_json_docs = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_json_docs, st.sampled_from(["redact", "partial", "hash"]))
+def test_property_masked_json_stays_valid(doc, strategy):
+    rule = [MaskRule("d", columns=("*.doc",), recognizers=_ALL, strategy=strategy)]
+    text = json.dumps(doc).encode()
+    [as_json] = masked(plan_for([col("doc", JSON)], rule), text)
+    [as_jsonb] = masked(plan_for([col("doc", JSONB, binary=True)], rule), b"\x01" + text)
+    assert type(json.loads(as_json)) is type(doc)
+    assert json.loads(as_jsonb[1:]) == json.loads(as_json)
+
+
+def _copy_text_escape(value: bytes) -> bytes:
+    """PostgreSQL's COPY text escaping, written here independently of the module."""
+    out = bytearray()
+    for byte in value:
+        out += {0x5C: b"\\\\", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t", 0x08: b"\\b", 0x0C: b"\\f", 0x0B: b"\\v"}.get(
+            byte, bytes([byte])
+        )
+    return bytes(out)
+
+
+def _copy_text_parse(line: bytes) -> list[bytes | None]:
+    assert line.endswith(b"\n")
+    fields: list[bytes | None] = []
+    for raw in line[:-1].split(b"\t"):
+        if raw == b"\\N":
+            fields.append(None)
+            continue
+        out, i = bytearray(), 0
+        while i < len(raw):
+            if raw[i] == 0x5C:
+                nxt = raw[i + 1 : i + 2]
+                out += {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f", b"v": b"\v"}.get(nxt, nxt)
+                i += 2
+            else:
+                out.append(raw[i])
+                i += 1
+        fields.append(bytes(out))
+    return fields
+
+
+def _csv_parse(line: bytes) -> list[bytes | None]:
+    assert line.endswith(b"\n")
+    body, fields, i = line[:-1], [], 0
+    while True:
+        if body[i : i + 1] == b'"':
+            out, i = bytearray(), i + 1
+            while True:
+                j = body.index(b'"', i)
+                out += body[i:j]
+                if body[j + 1 : j + 2] == b'"':
+                    out += b'"'
+                    i = j + 2
+                else:
+                    i = j + 1
+                    break
+            fields.append(bytes(out))
+        else:
+            j = body.find(b",", i)
+            raw = body[i:] if j < 0 else body[i:j]
+            fields.append(None if raw == b"" else raw)
+            i = len(body) if j < 0 else j
+        if i >= len(body):
+            return fields
+        i += 1
+
+
+_cell = st.one_of(st.none(), st.builds(lambda t, v: f"{t} {v}".encode(), st.text(max_size=15), _values), st.binary(max_size=20))
+
+
+@given(st.tuples(_cell, _cell, _cell))
+def test_property_copy_agrees_with_rows(row):
+    row = [None if c is None else c.replace(b"\x00", b"") for c in row]  # COPY text cannot carry NUL
+    rules = [
+        MaskRule("whole", columns=("*.a",), strategy="partial"),
+        MaskRule("scan", columns=("*.b",), recognizers=_ALL, strategy="partial"),
+    ]
+    plan = plan_for([col("a"), col("b"), col("c")], rules)
+    expected = masked(plan, *row)
+    text_line = b"\t".join(b"\\N" if c is None else _copy_text_escape(c) for c in row) + b"\n"
+    assert _copy_text_parse(plan.mask_copy_line(text_line, "text")) == expected
+    csv_line = b",".join(b"" if c is None else b'"' + c.replace(b'"', b'""') + b'"' for c in row) + b"\n"
+    assert _csv_parse(plan.mask_copy_line(csv_line, "csv")) == expected
