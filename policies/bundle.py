@@ -43,6 +43,9 @@ Globs (``targets``, ``tables``, ``columns``)
     ``tables``        optional table globs: every table the request reads or writes must match
                       one. Omitted: any table. An empty list is an error.
     ``columns``       optional column globs: every column the request reads must match one.
+                      A statement whose columns the analysis cannot list (``SELECT *`` without
+                      a catalog) is covered only when every table it reads is allowed whole
+                      (``"public.visits.*"``, ``"public.*"``).
     ``capabilities``  optional protocol capabilities beyond statements: ``function-call``
                       (PostgreSQL fast-path calls), ``replication``, ``startup-options``. A
                       request needs a capability when its action, its message kind or one of its
@@ -234,6 +237,17 @@ class Patterns:
 
     def matching(self, names: Iterable[str]) -> list[str]:
         return [name for name in names if self.matches(name)]
+
+    def cover_every_column_of(self, table: str) -> bool:
+        """Whether every ``table.<column>`` matches, whatever the column: a glob ending in ``*``
+        that matches ``"table."`` does, because its last ``*`` takes any further characters."""
+        prefix = f"{table}."
+        for text in self.texts:
+            if text.endswith("*"):
+                matched = fnmatch.fnmatchcase(prefix, text) if self.case_sensitive else fnmatch.fnmatchcase(prefix.lower(), text.lower())
+                if matched:
+                    return True
+        return False
 
 
 @attrs.frozen

@@ -14,7 +14,10 @@ version; they are combined with :meth:`Decision.combine`, deny over review over 
    target. Any other request is allowed when one grant covers it: its action is in the grant's
    ``statements`` (``"*"`` is any action but ``unknown``) or is one of its ``capabilities``,
    every table read or written matches its ``tables`` (when given), every column read matches
-   its ``columns`` (when given), and the grant has every capability the request needs. Otherwise
+   its ``columns`` (when given) — and when the analysis says the statement returns columns it
+   cannot list (``SELECT *`` without a catalog, reported as ``output_complete = False`` on
+   ``request.analysis``), ``columns`` must allow every column of each table read
+   (``public.visits.*``) — and the grant has every capability the request needs. Otherwise
    an explicit deny (rule ``default-deny``) says why the nearest grant did not cover it, so a
    review elsewhere can never turn an ungranted request into a reviewable one.
 2. **Guardrails**: a guardrail whose ``detect`` names one of the request's findings denies or
@@ -74,8 +77,15 @@ def _decision_key(identity: Identity, target: str, request: Request) -> tuple[ob
         request.tables_read,
         request.tables_written,
         request.columns_read,
+        _columns_listed(request),
         tuple((finding.name, finding.weight) for finding in request.findings),
     )
+
+
+def _columns_listed(request: Request) -> bool:
+    """False when the analysis says the statement returns columns it cannot name (``SELECT *``
+    without a catalog): a column allowlist cannot vouch for those."""
+    return getattr(request.analysis, "output_complete", True) is not False
 
 
 def _combined(policy: PolicySet, identity: Identity, target: str, request: Request) -> Decision:
@@ -182,6 +192,13 @@ def _why_not(grant: Grant, request: Request, action: str, needed: frozenset[str]
             if not grant.tables.matches(table):
                 return f'grant "{grant.name}" does not cover the table {table}'
     if grant.columns is not None:
+        if request.tables_read and not _columns_listed(request):
+            for table in request.tables_read:
+                if not grant.columns.cover_every_column_of(table):
+                    return (
+                        f'grant "{grant.name}" allows only some columns of {table}, and the statement '
+                        "reads columns Bastion cannot list (SELECT * without a catalog?)"
+                    )
         for column in request.columns_read:
             if not grant.columns.matches(column):
                 return f'grant "{grant.name}" does not cover the column {column}'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import attrs
 import pytest
@@ -107,6 +108,46 @@ def test_column_allowlist() -> None:
     assert decision.verdict is Verdict.DENY
     assert 'grant "nightly-extract" does not cover the column public.patients.ssn' in decision.summary
     assert decide(NIGHTLY, request("select", read={"public.visits"}, columns={"public.visits.anything"})).verdict is Verdict.ALLOW
+
+
+def unlisted_columns(req: Request) -> Request:
+    """What the analysis reports for SELECT * without a catalog: columns it cannot name."""
+    return attrs.evolve(req, analysis=SimpleNamespace(output_complete=False))
+
+
+def test_a_column_allowlist_covers_unlisted_columns_only_of_tables_it_allows_whole() -> None:
+    patients = request("select", read={"public.patients"}, columns={"public.patients.id"})
+    decision = decide(NIGHTLY, unlisted_columns(patients))
+    assert decision.verdict is Verdict.DENY
+    assert 'grant "nightly-extract" allows only some columns of public.patients, and the statement reads columns Bastion cannot list' in decision.summary
+    assert decide(NIGHTLY, attrs.evolve(patients, analysis=SimpleNamespace(output_complete=True))).verdict is Verdict.REVIEW
+    visits = request("select", read={"public.visits"})
+    assert decide(NIGHTLY, unlisted_columns(visits)).verdict is Verdict.ALLOW  # columns = ["public.visits.*"]
+    both = request("select", read={"public.visits", "public.patients"})
+    assert decide(NIGHTLY, unlisted_columns(both)).verdict is Verdict.DENY
+    reporting = request("select", read={"reporting.daily"})
+    assert decide(NIGHTLY, unlisted_columns(reporting), target="reporting-eu").verdict is Verdict.ALLOW  # no allowlist
+
+
+@pytest.mark.parametrize(
+    ("patterns", "covered"),
+    [
+        (["public.visits.*"], True),
+        (["public.*"], True),
+        (["*"], True),
+        (["*.visits.*"], True),
+        (["PUBLIC.Visits.*"], True),
+        (["public.visits.a*"], False),
+        (["public.visits.?"], False),
+        (["public.visits.id"], False),
+        (["*.email"], False),
+        (["public.*.id"], False),
+    ],
+)
+def test_which_column_globs_cover_every_column_of_a_table(patterns: list[str], covered: bool) -> None:
+    from bastion.policies.bundle import Patterns
+
+    assert Patterns(tuple(patterns)).cover_every_column_of("public.visits") is covered
 
 
 def test_grant_by_subject_glob_and_provider_all_lists_must_match() -> None:
@@ -539,3 +580,16 @@ def test_any_golden_data_either_parses_or_fails_with_located_sentences(data: dic
         golden_from_data(data, "g.toml")
     except GoldenError as exc:
         assert exc.errors and all(e.startswith("g.toml: ") for e in exc.errors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.from_regex(r"(\*|[a-z]{1,3}|\?|\[ab\])(\.(\*|[a-z]{1,3}|\?|\[ab\])){0,3}", fullmatch=True), min_size=1, max_size=3),
+    st.text(alphabet="abxyz_.*?", min_size=0, max_size=6),
+)
+def test_a_table_covered_whole_means_every_column_name_of_it_matches(patterns: list[str], column: str) -> None:
+    from bastion.policies.bundle import Patterns
+
+    globs = Patterns(tuple(patterns))
+    if globs.cover_every_column_of("ab.x"):
+        assert globs.matches(f"ab.x.{column}")
