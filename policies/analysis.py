@@ -139,9 +139,6 @@ _SQLGLOT_DIALECT = {
     MYSQL: "mysql, normalization_strategy=case_insensitive",
 }
 
-_Node = exp.Expr
-
-
 @functools.cache
 def _sqlglot_dialect(dialect: str) -> Dialect:
     return Dialect.get_or_raise(_SQLGLOT_DIALECT[dialect])
@@ -213,7 +210,8 @@ class Catalog:
 
     def with_search_path(self, search_path: Iterable[str]) -> Catalog:
         """The same tables seen from another search path (a new version: caches must not mix)."""
-        return Catalog(self.tables, search_path, digest(f"{self.version}|{','.join(search_path)}"))
+        path = _lower_tuple(search_path)
+        return Catalog(self.tables, path, digest(f"{self.version}|{','.join(path)}"))
 
     def resolve(self, name: str, dialect: str = POSTGRES) -> str:
         """The qualified name an unqualified table name refers to, as the server would find it."""
@@ -268,7 +266,7 @@ class CacheStatistics:
     exact_hits: int = 0
 
 
-@attrs.frozen(eq=False)
+@attrs.frozen
 class StatementAnalysis:
     """What one statement does. Frozen, shareable, cached by :class:`Analyzer`.
 
@@ -812,9 +810,6 @@ class _Facts:
         )
 
 
-_DETAIL = re.compile(r": ([^:]*)$")
-
-
 def _finding_details(finding: Finding) -> set[str]:
     base = FINDINGS[finding.name].sentence if finding.name in FINDINGS else ""
     if finding.sentence == base or not finding.sentence.startswith(base + ": "):
@@ -1088,13 +1083,11 @@ def _opaque(statement: _Statement, facts: _Facts) -> None:
     facts.fail("opaque-command", detail)
 
 
-def _simple(kind: str, finding: str = "", effect: str = "") -> Any:
+def _simple(kind: str) -> Any:
+    """A handler for statements whose leading keyword says all Bastion needs to know."""
+
     def handler(statement: _Statement, facts: _Facts) -> None:
         facts.kind = kind
-        if finding:
-            facts.find(finding, statement.word(0))
-        if effect:
-            facts.session_effect = effect
         facts.output_complete = kind != "show"
 
     return handler
@@ -1389,7 +1382,12 @@ def _expressions(tokens: Sequence[Token], statement: _Statement, facts: _Facts) 
 # --- SET, RESET, USE ------------------------------------------------------------------------------
 
 
-def _setting(name: str, values: Sequence[str], facts: _Facts) -> None:
+def _setting(name: str, values: Sequence[str], facts: _Facts, from_literal: bool = False) -> None:
+    """Findings for changing setting ``name`` to ``values``.
+
+    ``from_literal``: the name came from a string literal (``set_config('…', …)``), so it is not
+    repeated in a finding sentence (the audit trail never keeps a literal).
+    """
     name = name.lower()
     if name in _ROLE_SETTINGS:
         facts.find("set-role", name)
@@ -1403,7 +1401,7 @@ def _setting(name: str, values: Sequence[str], facts: _Facts) -> None:
         if not values or values[0].lower() not in _SAFE_ENCODINGS:
             facts.find("lexer-setting", name)
     elif name not in _BENIGN_SETTINGS:
-        facts.find("set-config", name)
+        facts.find("set-config", "" if from_literal else name)
 
 
 def _value_words(tokens: Sequence[Token]) -> list[str]:
@@ -1800,10 +1798,6 @@ def _admin(statement: _Statement, facts: _Facts) -> None:
         facts.find("load-library", f"{statement.word(0)} {statement.word(1)}")
 
 
-def _unknown_command(statement: _Statement, facts: _Facts) -> None:
-    _opaque(statement, facts)
-
-
 _COMMON_ROUTES = {
     "EXPLAIN": _explain,
     "PREPARE": _prepare,
@@ -1860,7 +1854,7 @@ _MYSQL_ROUTES = {
     "DESC": _explain,
     "XA": _transaction,
     "UNLOCK": _transaction,
-    "HANDLER": _unknown_command,
+    "HANDLER": _opaque,  # reads rows through a cursor Bastion cannot follow
     "OPTIMIZE": _simple("utility"),
     "REPAIR": _simple("utility"),
     "CHECK": _simple("utility"),
@@ -1978,7 +1972,8 @@ def _function_findings(name: str, node: exp.Func | None, facts: _Facts) -> None:
         if setting is None:
             facts.find("set-role", "set_config with a computed setting name")
         else:
-            _setting(setting.strip(), [_literal_text(arguments[1]) or ""] if len(arguments) > 1 else [], facts)
+            value = [_literal_text(arguments[1]) or ""] if len(arguments) > 1 else []
+            _setting(setting.strip(), value, facts, from_literal=True)
     if name in _OPAQUE_READ_FUNCTIONS:
         facts.find("dynamic-sql-unseen", name)
     if name in _SQL_TEXT_FUNCTIONS and node is not None:
@@ -2895,6 +2890,14 @@ class Analyzer:
     ) -> tuple[StatementAnalysis, ...]:
         version = catalog.version if catalog is not None else ""
         cache = self._cache
+        shape = fingerprint(sql, dialect)
+        if shape is not None:
+            shape_key = (_SHAPE, shape, dialect, version)
+            found = cache.get(shape_key)
+            if found is not None:
+                cache.move_to_end(shape_key)
+                self._hits += 1
+                return found
         exact_key = (_EXACT, sql, dialect, version)
         found = cache.get(exact_key)
         if found is not None:
@@ -2902,19 +2905,10 @@ class Analyzer:
             self._hits += 1
             self._exact_hits += 1
             return found
-        shape = fingerprint(sql, dialect)
-        shape_key = (_SHAPE, shape, dialect, version) if shape is not None else None
-        if shape_key is not None:
-            found = cache.get(shape_key)
-            if found is not None:
-                cache.move_to_end(shape_key)
-                self._hits += 1
-                return found
         result = analyze(sql, dialect, catalog, prepared)
         if any(analysis.depends_on_session for analysis in result):
             self._uncacheable += 1
-            return result
-        if shape_key is not None and not any(analysis.depends_on_literals for analysis in result):
+        elif shape is not None and not any(analysis.depends_on_literals for analysis in result):
             self._store(shape_key, result)
             self._misses += 1
         else:

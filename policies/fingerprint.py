@@ -71,6 +71,7 @@ _DIGIT_RUN = re.compile(r"([0-9][0-9.]*)")
 _GLUE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_$")
 _QUOTED_IDENTIFIER = {POSTGRES: r'"[^"]*"', MYSQL: r"`[^`]*`"}
 _QUOTE_CHARACTER = {POSTGRES: '"', MYSQL: "`"}
+_QUOTE_BY_NAME = {name: _QUOTE_CHARACTER[dialect] for name, dialect in _DIALECT_NAMES.items()}
 _NUMBER = r"(?<![\w$])[0-9][0-9.]*+(?![\w$])"
 # With quoted identifiers present, one pass consumes whole tokens so that a quote character inside
 # an identifier is not taken for the start of a string; it also matches a stray quote character
@@ -100,8 +101,7 @@ def fingerprint(sql: str, dialect: str) -> str | None:
     has something this normaliser cannot handle with certainty the answer is ``None`` and the
     caller must analyse the statement in full.
     """
-    dialect = _DIALECT_NAMES.get(dialect, dialect)
-    quote = _QUOTE_CHARACTER.get(dialect)
+    quote = _QUOTE_BY_NAME.get(dialect)
     if quote is None:
         raise ValueError(f"unsupported SQL dialect {dialect!r}")
     found = _UNSAFE_CHARACTER.search(sql)
@@ -110,9 +110,10 @@ def fingerprint(sql: str, dialect: str) -> str | None:
     if quote in sql:
         # Quoted identifiers are case- and whitespace-sensitive: keep the text as it is apart
         # from the literals (a cache miss for a differently spelled statement costs only time).
-        text = _LITERAL_IDENTIFIER_OR_STRAY[dialect].sub(_keep_identifier, sql)
-        outside = _QUOTED_IDENTIFIER_PATTERN[dialect].sub("", text)
-        if _STRAY_MARK in text or _outside_literals_unsafe(outside, dialect):
+        canonical = _DIALECT_NAMES[dialect]
+        text = _LITERAL_IDENTIFIER_OR_STRAY[canonical].sub(_keep_identifier, sql)
+        outside = _QUOTED_IDENTIFIER_PATTERN[canonical].sub("", text)
+        if _STRAY_MARK in text or _outside_literals_unsafe(outside, canonical):
             return None
         return text.replace(_LITERAL_MARK, PLACEHOLDER).strip()
     text = sql
@@ -124,9 +125,18 @@ def fingerprint(sql: str, dialect: str) -> str | None:
         text = _STRING_LITERAL.sub(_LITERAL_MARK, text)
         if "'" in text:  # an unterminated string: not something to share an analysis with
             return None
-    if _outside_literals_unsafe(text, dialect):
+    if (
+        "--" in text
+        or "/*" in text
+        or "*/" in text
+        or "#" in text  # a MySQL comment
+        or "?" in text  # the placeholder itself
+        or (quote == "`" and '"' in text)  # MySQL: a string or an identifier, by sql_mode
+    ):
         return None
-    parts = _DIGIT_RUN.split(text.replace(_LITERAL_MARK, PLACEHOLDER))
+    if text is not sql:
+        text = text.replace(_LITERAL_MARK, PLACEHOLDER)
+    parts = _DIGIT_RUN.split(text)
     if len(parts) > 1:
         glue = _GLUE
         for index in range(1, len(parts), 2):
@@ -134,8 +144,6 @@ def fingerprint(sql: str, dialect: str) -> str | None:
             if not ((before and before[-1] in glue) or (after and after[0] in glue)):
                 parts[index] = PLACEHOLDER
         text = "".join(parts)
-    else:
-        text = parts[0]
     text = text.lower()
     if "  " in text or "\n" in text or "\t" in text or "\r" in text:
         return " ".join(text.split())
