@@ -48,10 +48,13 @@ async def client_credentials_token(realm, client_id: str, secret: str) -> str:
     """A token from the issuer's token endpoint, fetched the way a CI job would: python-keycloak."""
 
     def fetch() -> str:
-        caller = KeycloakOpenID(server_url=realm.base_url + "/", realm_name=realm.name, client_id=client_id, client_secret_key=secret)
+        caller = KeycloakOpenID(
+            server_url=realm.base_url + "/", realm_name=realm.name, client_id=client_id, client_secret_key=secret, timeout=10
+        )
         return caller.token(grant_type="client_credentials")["access_token"]
 
-    return await trio.to_thread.run_sync(fetch)
+    # abandon the thread on cancellation, so the test's deadline holds even for a blocking call
+    return await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)
 
 
 async def authenticate(provider, token: str):
