@@ -229,18 +229,24 @@ def _is_odd(text: str) -> bool:
 
 
 def _block_comment_end(sql: str, start: int, nested: bool) -> int:
-    """Index just past the comment opened at ``start``; -1 if it never closes."""
+    """Index just past the comment opened at ``start``; -1 if it never closes.
+
+    Both searches only ever move forward, so a text full of openers costs linear time.
+    """
     depth, index = 1, start + 2
+    close = sql.find("*/", index)
     while depth:
-        close = sql.find("*/", index)
         if close < 0:
             return -1
         if nested:
             opened = sql.find("/*", index, close)
             if opened >= 0:
                 depth, index = depth + 1, opened + 2
+                if close < index:  # "/*/": the star belongs to the opener
+                    close = sql.find("*/", index)
                 continue
         depth, index = depth - 1, close + 2
+        close = sql.find("*/", index)
     return index
 
 
