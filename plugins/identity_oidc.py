@@ -375,7 +375,7 @@ def _parse_jwk(jwk: Any) -> VerificationKey:
         raise ValueError("key_ops does not include verify")
     if kid is not None and not isinstance(kid, str):
         raise ValueError("kid is not a string")
-    if alg is not None and alg not in SUPPORTED_ALGORITHMS:
+    if alg is not None and (not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS):
         raise ValueError(f"alg {alg!r} is not an algorithm we verify")
     if _PRIVATE_JWK_MEMBERS & set(jwk):
         log.warning("the JWKS publishes private key material for key %r; that key is ignored", kid)
@@ -393,8 +393,10 @@ def _parse_jwk(jwk: Any) -> VerificationKey:
             public_key = OKPAlgorithm.from_jwk(jwk)
         else:
             raise ValueError(f"unsupported key type {kty!r}")
-    except (jwt.InvalidKeyError, TypeError, KeyError) as exc:
-        raise ValueError(f"not a valid {kty} key: {exc}") from None
+    except ValueError:
+        raise
+    except Exception as exc:  # untrusted input to a third-party parser: any failure is "unusable"
+        raise ValueError(f"not a valid {kty} key: {type(exc).__name__}") from None
     return VerificationKey(kid=kid, kty=kty, curve=curve, alg=alg, public_key=public_key)
 
 

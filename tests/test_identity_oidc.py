@@ -546,18 +546,18 @@ _OFFLINE_JWKS = {"keys": [public_jwk(_EC_KEY, "ES256")]}
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12,
+    max_leaves=8,
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.text(max_size=300) | st.from_regex(r"[A-Za-z0-9_.-]{0,200}", fullmatch=True))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=300) | st.text("AZaz09_-.", max_size=200))
 def test_arbitrary_strings_never_raise_out_of_authenticate(text):
     outcome = trio.run(_offline_provider(_OFFLINE_JWKS).authenticate, Credential(secret=text))
     assert outcome.status in (AuthStatus.UNKNOWN, AuthStatus.REJECT)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     header=st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "b64", "x"]), json_values, max_size=4),
     claims=st.dictionaries(st.sampled_from(["aud", "exp", "nbf", "iat", "sub", "jti", "y"]), json_values, max_size=6),
@@ -569,7 +569,7 @@ def test_jwt_shaped_garbage_for_our_issuer_is_always_rejected(header, claims, si
     assert outcome.status is AuthStatus.REJECT
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(claims=st.dictionaries(st.sampled_from(["aud", "exp", "nbf", "iat", "sub", "jti"]), json_values, max_size=6))
 def test_properly_signed_tokens_with_arbitrary_claims_are_accepted_only_when_valid(claims):
     """Whatever the claim values, the provider answers ok or reject, and ok only for valid claims."""
@@ -618,9 +618,14 @@ def test_a_template_reads_claims_never_python_attributes():
         render_subject("{sub.__class__}", {"sub": "svc"})
 
 
-@settings(max_examples=200)
+claim_names = st.builds(
+    lambda name, suffix: name + suffix, st.text("abc_", min_size=1, max_size=6), st.sampled_from(["", ".io", ".x"])
+)
+
+
+@settings(max_examples=100)
 @given(
-    path=st.lists(st.from_regex(r"[a-z_]{1,6}(\.[a-z]{1,3})?", fullmatch=True), min_size=1, max_size=4),
+    path=st.lists(claim_names, min_size=1, max_size=4),
     value=st.text(max_size=5),
 )
 def test_claim_paths_find_nested_values_and_dotted_names(path, value):
@@ -654,8 +659,8 @@ def test_jwks_parsing_keeps_only_usable_signature_keys():
     assert [(k.kid, k.kty) for k in keys] == [(good_rsa["kid"], "RSA"), (good_ec["kid"], "EC")]
 
 
-@settings(max_examples=200)
-@given(json_values)
+@settings(max_examples=100)
+@given(json_values | st.fixed_dictionaries({"keys": st.lists(st.dictionaries(st.sampled_from(["kty", "kid", "crv", "n", "e", "x", "y", "use", "alg"]), json_values, max_size=6), max_size=3)}))
 def test_jwks_parser_never_raises_anything_but_key_source_unavailable(document):
     try:
         parse_jwks(document)
