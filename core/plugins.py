@@ -50,7 +50,8 @@ def build_plugin_manager(disable: Iterable[str] = (), *, entry_points: bool = Tr
             continue
         pm.register(importlib.import_module(module_name), name=name)
     for plugin in extra:
-        pm.register(plugin)
+        if not pm.is_registered(plugin):  # a built-in named again by a program is already there
+            pm.register(plugin)
     if entry_points:
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)

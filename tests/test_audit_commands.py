@@ -23,8 +23,6 @@ TEST_DEADLINE = 30
 @pytest.fixture(autouse=True)
 def audit_plugins(monkeypatch):
     """Register the audit plugins the way the integrator does (by module name)."""
-    monkeypatch.setitem(plugins.BUILTIN_PLUGINS, "audit_sinks", "bastion.plugins.audit_sinks")
-    monkeypatch.setitem(plugins.BUILTIN_PLUGINS, "audit_commands", "bastion.plugins.audit_commands")
 
 
 def write_config(directory: Path, extra: str = "") -> Path:
