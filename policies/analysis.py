@@ -25,8 +25,26 @@ The kind rule
 ``REPLACE`` deletes and inserts, so it is a ``delete``); creating a table from a query
 (``SELECT … INTO t``, ``CREATE TABLE … AS``) is ``ddl``; ``EXPLAIN ANALYZE`` of a write has the
 write's kind (it runs it), a plain ``EXPLAIN`` is ``explain``; ``EXECUTE name`` and ``FETCH`` have
-the kind of the prepared statement or cursor they run. ``writes`` lists every
-``(effect, table)`` pair for policies that want to be finer than one kind.
+the kind of the prepared statement or cursor they run (so ``execute`` itself is never reported: a
+grant of ``select`` covers executing a prepared select and nothing else). ``writes`` lists every
+``(effect, table)`` pair (effects: insert, update, delete, merge, create, alter, drop, truncate,
+comment, grant, copy, refresh) for policies that want to be finer than one kind.
+
+Lineage
+-------
+``output_columns`` follows each result column back to catalog columns through expressions,
+functions, subqueries, CTEs (recursive ones to a fixed point), set operations, whole-row
+references (``row_to_json(p)``, ``p.*``), ``RETURNING`` (with the values a statement writes) and the
+SQL text of ``query_to_xml('…')``. sqlglot's qualifier (``sqlglot.optimizer.qualify``) expands stars
+against the catalog, with USING/NATURAL merging; resolution is then done here, by PostgreSQL's rules,
+because the qualifier does not know data-modifying CTEs. Anything that cannot be followed is
+``traced=False``.
+
+Search path
+-----------
+Unqualified names resolve along ``Catalog.search_path`` (``pg_catalog`` first in PostgreSQL). A
+``SET search_path`` or MySQL ``USE`` applies to the rest of the same text and is reported in
+``session_effect``; :func:`search_path_after` gives the new path for the caller's session catalog.
 
 Prepared statements and cursors
 -------------------------------
@@ -54,6 +72,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import OrderedDict
+from itertools import zip_longest
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -161,7 +180,8 @@ def _lower_tuple(values: Iterable[str]) -> tuple[str, ...]:
 
 
 def _catalog_version(catalog: Catalog) -> str:
-    text = "\n".join(f"{table}:{','.join(columns)}" for table, columns in sorted(catalog.tables.items()))
+    tables = sorted(catalog.tables.items())
+    text = "\n".join(f"{table}:{','.join(columns)}" for table, columns in tables)
     return digest(text + "|" + ",".join(catalog.search_path))
 
 
@@ -196,7 +216,7 @@ class Catalog:
         for table_schema, table_name, column_name, ordinal_position in rows:
             qualified = f"{table_schema}.{table_name}".lower()
             collected.setdefault(qualified, []).append((int(ordinal_position), str(column_name)))
-        tables = {name: [column for _, column in sorted(columns)] for name, columns in collected.items()}
+        tables = {name: [column for _, column in sorted(found)] for name, found in collected.items()}
         if version is None:
             return cls(tables, search_path)
         return cls(tables, search_path, version)
@@ -609,10 +629,11 @@ _SAFE_ENCODINGS = frozenset(
 _BENIGN_SETTINGS = frozenset(
     {
         "application_name", "datestyle", "intervalstyle", "timezone", "time zone", "time_zone",
-        "extra_float_digits", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
-        "idle_session_timeout", "client_min_messages", "bytea_output", "default_transaction_isolation",
-        "transaction_isolation", "default_transaction_read_only", "transaction_read_only", "tx_isolation",
-        "tx_read_only", "lc_messages", "lc_monetary", "lc_numeric", "lc_time", "autocommit",
+        "extra_float_digits", "statement_timeout", "lock_timeout", "idle_session_timeout",
+        "idle_in_transaction_session_timeout", "client_min_messages", "bytea_output",
+        "default_transaction_isolation", "transaction_isolation", "default_transaction_read_only",
+        "transaction_read_only", "tx_isolation", "tx_read_only", "lc_messages", "lc_monetary",
+        "lc_numeric", "lc_time", "autocommit",
         "character_set_results", "collation_connection", "max_execution_time", "net_read_timeout",
         "net_write_timeout", "wait_timeout", "interactive_timeout", "sql_select_limit",
         "group_concat_max_len", "session_track_schema", "session_track_state_change",
@@ -908,7 +929,8 @@ def analyze(
     try:
         return _analyze_text(sql, session, 0)
     except Exception as error:  # noqa: BLE001 - fail closed on anything, never raise to the gateway
-        return (_unknown(_shortened(sql), dialect, "unparsable", f"internal error {type(error).__name__}"),)
+        detail = f"internal error {type(error).__name__}"
+        return (_unknown(_shortened(sql), dialect, "unparsable", detail),)
 
 
 def _shortened(sql: str) -> str:
@@ -1104,7 +1126,9 @@ def _transaction(statement: _Statement, facts: _Facts) -> None:
 # --- EXPLAIN, PREPARE, EXECUTE, cursors ----------------------------------------------------------
 
 _FALSE_WORDS = frozenset({"FALSE", "OFF", "0", "NO"})
-_MYSQL_EXPLAINABLE = frozenset({"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "REPLACE", "TABLE", "VALUES"})
+_MYSQL_EXPLAINABLE = frozenset(
+    {"SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "REPLACE", "TABLE", "VALUES"}
+)
 
 
 def _explain(statement: _Statement, facts: _Facts) -> None:
@@ -1206,7 +1230,8 @@ def _prepare(statement: _Statement, facts: _Facts) -> None:
             else:
                 inner = _unknown(source.text, facts.dialect, "unparsable", "not exactly one statement")
         else:
-            inner = _unknown(statement.text, facts.dialect, "dynamic-sql-unseen", "prepared from a variable")
+            detail = "prepared from a variable"
+            inner = _unknown(statement.text, facts.dialect, "dynamic-sql-unseen", detail)
     facts.kind = "prepare"
     facts.statement_name = name
     facts.inner = inner
@@ -1319,7 +1344,10 @@ def _discard(statement: _Statement, facts: _Facts) -> None:
 # --- procedural code -----------------------------------------------------------------------------
 
 _UNTRUSTED_LANGUAGES = frozenset(
-    {"c", "internal", "plpythonu", "plpython2u", "plpython3u", "plperlu", "pltclu", "plsh", "pljavau", "plr"}
+    {
+        "c", "internal", "plpythonu", "plpython2u", "plpython3u", "plperlu", "pltclu", "plsh",
+        "pljavau", "plr",
+    }
 )
 _DANGEROUS_NAMES = _FILE_FUNCTIONS | _SLEEP_FUNCTIONS | _SIDE_EFFECT_FUNCTIONS | _OS_COMMAND_FUNCTIONS
 _HANDLED_NAMES = (
@@ -1506,9 +1534,9 @@ def _set_mysql(statement: _Statement, facts: _Facts) -> None:
             values = _value_words(assignment[2 if word == "CHARACTER" else 1 :])
             _setting("names", values[:1], facts)
             continue
+        assigns = (TokenType.EQ, TokenType.COLON_EQ)
         equals = next(
-            (index for index, token in enumerate(assignment) if token.token_type in (TokenType.EQ, TokenType.COLON_EQ)),
-            -1,
+            (index for index, token in enumerate(assignment) if token.token_type in assigns), -1
         )
         if equals <= 0:
             raise _Unparsable("SET without a value")
@@ -1616,7 +1644,8 @@ def _copy(statement: _Statement, facts: _Facts) -> None:
             close = _matching_paren(tokens, index)
             if close < 0:
                 raise _Unparsable("unclosed COPY column list")
-            columns = [_name(token) for token in tokens[index + 1 : close] if token.token_type != TokenType.COMMA]
+            listed = tokens[index + 1 : close]
+            columns = [_name(token) for token in listed if token.token_type != TokenType.COMMA]
             index = close + 1
     direction = statement.word(index)
     if direction not in ("FROM", "TO"):
@@ -2174,7 +2203,8 @@ class _Walker:
         this = node.this
         if kind in _TABLE_LIKE_KINDS:
             self._target(this, "create")
-            if node.expression is not None and kind in ("TABLE", "MATERIALIZED VIEW", "TEMPORARY TABLE"):
+            stores_rows = kind in ("TABLE", "MATERIALIZED VIEW", "TEMPORARY TABLE")
+            if node.expression is not None and stores_rows:
                 self.facts.find("select-into")
         elif kind == "INDEX" and isinstance(this, exp.Index):
             self._target(this.args.get("table"), "alter")
@@ -2255,20 +2285,21 @@ def _analyze_tree(tree: exp.Expr, facts: _Facts, replace: bool = False) -> None:
 
 
 def _where_and_limit(tree: exp.Expr) -> tuple[bool, bool]:
+    """Whether the statement filters its rows (every branch of a set operation) and limits them."""
     node = tree
     while isinstance(node, exp.Subquery):
         node = node.this
     has_limit = node.args.get("limit") is not None
-    if isinstance(node, exp.SetOperation):
-        branches = [branch for branch in node.find_all(exp.Select) if branch.parent_select is None]
-        leaves = [
-            branch
-            for branch in node.walk()
-            if isinstance(branch, exp.Select) and isinstance(branch.parent, (exp.SetOperation, exp.Subquery))
-        ]
-        leaves = leaves or branches
-        return bool(leaves) and all(_restricted(leaf) for leaf in leaves), has_limit
-    return _restricted(node), has_limit
+    pending, leaves = [node], []
+    while pending:
+        branch = pending.pop()
+        while isinstance(branch, exp.Subquery):
+            branch = branch.this
+        if isinstance(branch, exp.SetOperation):
+            pending += [branch.left, branch.right]
+        else:
+            leaves.append(branch)
+    return all(_restricted(leaf) for leaf in leaves), has_limit
 
 
 def _restricted(node: exp.Expr) -> bool:
@@ -2276,7 +2307,7 @@ def _restricted(node: exp.Expr) -> bool:
     return where is not None and not _constant(where.this)
 
 
-# --- lineage -------------------------------------------------------------------------------------------
+# --- lineage -------------------------------------------------------------------------------------
 
 _Columns = list[tuple[str, _Lineage]]
 _Relation = tuple[_Columns, bool]  # columns in order, and whether that is all of them
@@ -2365,7 +2396,10 @@ def _renamed(relation: _Relation, names: Sequence[str]) -> _Relation:
     columns, complete = relation
     if not names:
         return relation
-    renamed = [(names[index] if index < len(names) else name, lineage) for index, (name, lineage) in enumerate(columns)]
+    renamed = [
+        (names[index] if index < len(names) else name, lineage)
+        for index, (name, lineage) in enumerate(columns)
+    ]
     return renamed, complete
 
 
@@ -2389,7 +2423,8 @@ def _output_name(node: exp.Expr) -> str:
         if alias and not generated:
             return alias.lower()
         node = node.this
-    while isinstance(node, (exp.Cast, exp.Paren)) and isinstance(node.this, (exp.Column, exp.Cast, exp.Paren)):
+    wrappers = (exp.Cast, exp.Paren)
+    while isinstance(node, wrappers) and isinstance(node.this, (exp.Column, *wrappers)):
         node = node.this
     if isinstance(node, exp.Column):
         return node.name.lower()
@@ -2453,18 +2488,26 @@ class _Lineage:
             self._ctes(node, scope)
             left_columns, left_complete = self.query(node.left, scope)
             right_columns, right_complete = self.query(node.right, scope)
+            # the left branch names the columns; a branch of another width is an error on the
+            # server, and leaves the result incomplete here
+            pairs = zip_longest(left_columns, right_columns[: len(left_columns)])
             columns = [
-                (name, _union([lineage, right_columns[index][1]]) if index < len(right_columns) else lineage)
-                for index, (name, lineage) in enumerate(left_columns)
+                (name, _union([lineage, right[1]]) if right is not None else lineage)
+                for (name, lineage), right in pairs
             ]
             complete = left_complete and right_complete and len(left_columns) == len(right_columns)
             self._walk_rest(node, scope, skip=("this", "expression", "with_"))
             return columns, complete
         if isinstance(node, exp.Values):
-            rows = [row.expressions if isinstance(row, exp.Tuple) else [row] for row in node.expressions]
+            rows = [
+                row.expressions if isinstance(row, exp.Tuple) else [row] for row in node.expressions
+            ]
             width = max((len(row) for row in rows), default=0)
             columns = [
-                (f"column{index + 1}", _union(self.expression(row[index], outer) for row in rows if index < len(row)))
+                (
+                    f"column{index + 1}",
+                    _union(self.expression(row[index], outer) for row in rows if index < len(row)),
+                )
                 for index in range(width)
             ]
             return columns, True
@@ -2615,7 +2658,8 @@ class _Lineage:
         if isinstance(item, exp.Unnest) or isinstance(item, exp.Func):
             lineage = self.expression(item, scope)
             if names:
-                scope.add(_Source(alias, None, [(column, lineage) for column in names], True, lineage), join)
+                columns = [(column, lineage) for column in names]
+                scope.add(_Source(alias, None, columns, True, lineage), join)
             else:
                 scope.add(_Source(alias or "?", None, None, False, (lineage[0], False)), join)
             return
@@ -2722,7 +2766,11 @@ class _Lineage:
         maybe: list[_Lineage] = []
         level = scope
         while level is not None:
-            found = [lineage for source in level.sources.values() if (lineage := source.known(name)) is not None]
+            found = [
+                lineage
+                for source in level.sources.values()
+                if (lineage := source.known(name)) is not None
+            ]
             if found:
                 lineage = _union(found + maybe)
                 lineage = (lineage[0], lineage[1] and not maybe)
@@ -2759,7 +2807,8 @@ class _Lineage:
         known = self.catalog.columns(table)
         if known is None:
             return _Source(alias, table, None), table
-        return _Source(alias, table, [(column, (frozenset({f"{table}.{column}"}), True)) for column in known]), table
+        columns = [(column, (frozenset({f"{table}.{column}"}), True)) for column in known]
+        return _Source(alias, table, columns), table
 
     def _with_assigned(self, source: _Source, assigned: Mapping[str, _Lineage]) -> _Source:
         """The target as RETURNING sees it: assigned columns also carry their new values' sources."""
@@ -2796,7 +2845,9 @@ class _Lineage:
         scope = _Scope(outer)
         self._ctes(node, scope)
         target, _ = self._target_source(node.this)
-        listed = [identifier.name.lower() for identifier in node.this.expressions] if isinstance(node.this, exp.Schema) else []
+        listed = []
+        if isinstance(node.this, exp.Schema):
+            listed = [identifier.name.lower() for identifier in node.this.expressions]
         inserted: dict[str, _Lineage] = {}
         source_query = node.expression
         if isinstance(source_query, (*_QUERY_TYPES, exp.Subquery)):
@@ -2816,7 +2867,9 @@ class _Lineage:
         inner.add(written, None)
         conflict = node.args.get("conflict")
         if conflict is not None:
-            excluded = _Source("excluded", written.table, written.columns, written.complete, written.fallback)
+            excluded = _Source(
+                "excluded", written.table, written.columns, written.complete, written.fallback
+            )
             inner.sources["excluded"] = excluded
             for child in conflict.iter_expressions():
                 self.expression(child, inner)
@@ -2854,14 +2907,18 @@ class _Lineage:
         if target is not None and target.alias in scope.sources:
             updated = self._with_assigned(scope.sources[target.alias], assigned)
             scope.sources[target.alias] = updated
-            scope.order = [(updated if source.alias == target.alias else source, join) for source, join in scope.order]
+            scope.order = [
+                (updated if source.alias == target.alias else source, join)
+                for source, join in scope.order
+            ]
         return self._returning(node, scope)
 
 
-# --- the cache ---------------------------------------------------------------------------------------------
+# --- the cache -----------------------------------------------------------------------------------
 
 _EXACT = "exact"
 _SHAPE = "shape"
+_CacheKey = tuple[str, str, str, str]  # (exact|shape, text or fingerprint, dialect, catalog version)
 
 
 class Analyzer:
@@ -2876,7 +2933,7 @@ class Analyzer:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self._max_entries = max_entries
-        self._cache: OrderedDict[tuple[str, str, str, str], tuple[StatementAnalysis, ...]] = OrderedDict()
+        self._cache: OrderedDict[_CacheKey, tuple[StatementAnalysis, ...]] = OrderedDict()
         self._hits = self._exact_hits = self._misses = self._uncacheable = 0
 
     def analyze(
@@ -2914,7 +2971,7 @@ class Analyzer:
             self._uncacheable += 1
         return result
 
-    def _store(self, key: tuple[str, str, str, str], result: tuple[StatementAnalysis, ...]) -> None:
+    def _store(self, key: _CacheKey, result: tuple[StatementAnalysis, ...]) -> None:
         self._cache[key] = result
         if len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
