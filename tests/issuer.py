@@ -14,7 +14,8 @@ tokens with repository, ref, workflow, run_id…). It runs in a thread (``http.s
 code (python-keycloak's blocking calls) and trio code can both talk to it.
 
 Test controls: :meth:`Authority.rotate_keys`, :meth:`Realm.revoke`, :meth:`TestIssuer.go_down` /
-:meth:`TestIssuer.come_up` (answer 503, or drop every connection unanswered), request counts per
+:meth:`TestIssuer.come_up` (answer 503, drop every connection unanswered, or stop listening so
+connections are refused), request counts per
 endpoint (:meth:`Authority.requests`), and :meth:`Authority.mint` for tokens shaped any way a test
 needs (expired, wrong audience, unknown kid…).
 
@@ -341,7 +342,8 @@ class GitHubActionsIssuer(Authority):
 # --- the HTTP server ------------------------------------------------------------------------------
 
 DOWN_503 = "503"  # answer every request with 503 Service Unavailable
-DOWN_DROP = "drop"  # close every connection without answering
+DOWN_DROP = "drop"  # accept connections, then close them without answering
+DOWN_REFUSE = "refuse"  # stop listening (connection refused); open connections are dropped
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -364,7 +366,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = issuer.route(method, self.path.split("?", 1)[0])
         if route is not None:
             route[0].count(route[1])
-        if issuer.down_mode == DOWN_DROP:
+        if issuer.down_mode in (DOWN_DROP, DOWN_REFUSE):
             self.close_connection = True
             return
         if issuer.down_mode == DOWN_503:
@@ -397,13 +399,35 @@ class TestIssuer:
 
     __test__ = False  # not a test class, whatever pytest thinks of its name
 
-    def __init__(self, server: _Server) -> None:
-        host, port = server.server_address[:2]
+    def __init__(self) -> None:
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._listen(0)
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        self.port = port
         self.base_url = f"http://{host}:{port}"
-        self.server = server
         self.realms: dict[str, Realm] = {}
         self.github = GitHubActionsIssuer(f"{self.base_url}/github")
         self.down_mode: str | None = None
+
+    def _listen(self, port: int) -> None:
+        server = _Server(("127.0.0.1", port), _Handler)
+        server.issuer = self
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS}, name="test-issuer", daemon=True
+        )
+        self._server = server
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening; the port is refused until :meth:`come_up` (or for good)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            assert self._thread is not None
+            self._thread.join()
+            self._server = self._thread = None
 
     def realm(self, name: str = "clinic") -> Realm:
         """The realm called ``name``, created on first use."""
@@ -412,9 +436,15 @@ class TestIssuer:
         return self.realms[name]
 
     def go_down(self, mode: str = DOWN_503) -> None:
+        """Fail every request from now on: ``DOWN_503``, ``DOWN_DROP`` or ``DOWN_REFUSE``."""
         self.down_mode = mode
+        if mode == DOWN_REFUSE:
+            self.stop()
 
     def come_up(self) -> None:
+        """Serve normally again (listening on the same port after ``DOWN_REFUSE``)."""
+        if self._server is None:
+            self._listen(self.port)
         self.down_mode = None
 
     def route(self, method: str, path: str) -> tuple[Authority, str] | None:
@@ -470,17 +500,11 @@ class TestIssuer:
 @contextlib.contextmanager
 def running_issuer() -> Iterator[TestIssuer]:
     """Serve a fresh issuer on a free port of 127.0.0.1 until the block ends."""
-    server = _Server(("127.0.0.1", 0), _Handler)
-    issuer = TestIssuer(server)
-    server.issuer = issuer
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL_SECONDS}, name="test-issuer", daemon=True)
-    thread.start()
+    issuer = TestIssuer()
     try:
         yield issuer
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        issuer.stop()
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from bastion.plugins.identity_oidc import (
     verification_policy,
 )
 from bastion.policies.model import AuthStatus, Credential
-from tests.issuer import DOWN_503, DOWN_DROP, FakeClock, component_context, issuer, public_jwk, trio_test  # noqa: F401
+from tests.issuer import DOWN_503, DOWN_DROP, DOWN_REFUSE, FakeClock, component_context, issuer, public_jwk, trio_test  # noqa: F401
 
 AUDIENCE = "bastion"
 
@@ -414,7 +414,7 @@ async def test_a_flood_of_unknown_kids_refetches_at_most_once_per_interval(issue
     await provider.aclose()
 
 
-@pytest.mark.parametrize("mode", [DOWN_503, DOWN_DROP])
+@pytest.mark.parametrize("mode", [DOWN_503, DOWN_DROP, DOWN_REFUSE])
 @trio_test
 async def test_when_the_issuer_is_down_cached_keys_work_and_unknown_kids_are_refused(issuer, mode):
     realm = issuer.realm()
