@@ -705,6 +705,16 @@ def read_manifest(directory: Path, slot: str, number: int) -> tuple[Manifest | N
 # --- the writer ----------------------------------------------------------------------------------------
 
 
+def _remove_leftovers(directory: Path, slot: str) -> None:
+    """Half-made files a crash left (``*.tmp``): never renamed into place, so never part of the log.
+    Only the slot's lock holder calls this, so nobody is still writing them."""
+    for entry in os.scandir(directory):
+        name = entry.name
+        if name.endswith(".tmp") and (name == f"{slot}.head.tmp" or (SEGMENT_NAME.fullmatch(name[:-4]) and SEGMENT_NAME.fullmatch(name[:-4])["slot"] == slot)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
 class SlotLock:
     """An exclusive lock on one slot, held for the life of the writing process (flock)."""
 
@@ -813,6 +823,7 @@ class LogWriter:
         told the write failed; the damage record says records from there on were not confirmed.
         """
         directory, slot = lock.directory, lock.slot
+        _remove_leftovers(directory, slot)
         segments, manifests = segment_numbers(directory, slot)
         last = max(segments[-1:] + manifests[-1:], default=0)
         warnings: list[RecoveryWarning] = []

@@ -112,6 +112,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"plugins: {', '.join(name for name, _, _ in describe_plugins(loaded.pm))}")
     if policy is not None:
         print(f"policy {policy.version}: {policy.summary()}")
+        for warning in policy.warnings:
+            print(f"  warning: {warning}")
     return 0
 
 

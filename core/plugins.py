@@ -57,7 +57,8 @@ def build_plugin_manager(disable: Iterable[str] = (), *, entry_points: bool = Tr
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         except Exception as exc:  # a broken third-party plugin must say who it is
             raise PluginError(f"cannot load a plugin from the {ENTRY_POINT_GROUP!r} entry-point group: {exc!r}") from exc
-    unknown = disable - {name for name, _ in pm.list_name_plugin()} - set(BUILTIN_PLUGINS) - _entry_point_names()
+    registered = {name for name, plugin in pm.list_name_plugin() if plugin is not None}
+    unknown = disable - registered - set(BUILTIN_PLUGINS) - _entry_point_names()
     if unknown:
         raise PluginError(f"gateway.disable_plugins names unknown plugins: {', '.join(sorted(unknown))}")
     pm.check_pending()

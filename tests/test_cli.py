@@ -1,0 +1,143 @@
+"""The `bastion` command as a user runs it: check, plugins, serve and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_helpers import write_config
+from tests.servers import free_port
+
+BASTION = [sys.executable, "-m", "bastion.core.cli"]
+GRANT = """
+[[grant]]
+name = "anyone"
+identities = { subjects = ["anonymous"] }
+targets = ["raw"]
+statements = ["connect"]
+"""
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*BASTION, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def config(tmp_path: Path, listen_port: int = 0, admin_port: int = 0, policy: str = GRANT) -> Path:
+    return write_config(
+        tmp_path,
+        f"""
+        [gateway]
+        state_dir = "state"
+        admin_listen = "127.0.0.1:{admin_port}"
+        shutdown_grace = "2s"
+
+        [[targets]]
+        name = "raw"
+        protocol = "tcp"
+        listen = "127.0.0.1:{listen_port}"
+        upstream = "127.0.0.1:9"
+        """,
+        policy=policy,
+    )
+
+
+def test_check_prints_a_summary(tmp_path):
+    result = run("check", "-c", str(config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "raw: tcp on 127.0.0.1:0 -> 127.0.0.1:9" in result.stdout
+    assert "policy " in result.stdout and "audit: file (default); fail_closed = true" in result.stdout
+
+
+def test_check_reports_every_error_with_its_place_and_exits_1(tmp_path):
+    path = config(tmp_path)
+    path.write_text(path.read_text().replace('listen = "127.0.0.1:0"\nupstream', 'listen = "6432"\nupstream') + "\n[audit]\nfail_open = 1\n")
+    (tmp_path / "policy.toml").write_text(GRANT.replace('"raw"', '"rwa"').replace('"connect"', '"connect"]\ncolour = ["red"'))
+    result = run("check", "-c", str(path))
+    assert result.returncode == 1
+    assert 'targets[0].listen: expected "host:port", got "6432"' in result.stderr
+    assert 'audit: unknown key "fail_open"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_reports_bundle_errors_and_unknown_targets(tmp_path):
+    result = run("check", "-c", str(config(tmp_path, policy=GRANT.replace('"raw"', '"nowhere"'))))
+    assert result.returncode == 1
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+    result = run("check", "-c", str(config(tmp_path, policy='[[guardrail]]\nname = "x"\ndetect = ["dorp"]\n')))
+    assert result.returncode == 1 and 'unknown detector "dorp"' in result.stderr
+
+
+def test_unknown_plugin_in_disable_plugins_is_an_error(tmp_path):
+    path = config(tmp_path)
+    path.write_text(path.read_text().replace("[gateway]", '[gateway]\ndisable_plugins = ["no-such-plugin"]'))
+    result = run("check", "-c", str(path))
+    assert result.returncode == 1 and "no-such-plugin" in result.stderr
+
+
+def test_plugins_lists_builtins_and_the_hooks_they_implement(tmp_path):
+    result = run("plugins")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert "tcp  (built-in)" in lines
+    assert "    bastion_register_protocols" in lines[lines.index("tcp  (built-in)") + 1 :][:3]
+    assert "policy  (built-in)" in lines and "    bastion_authorize" in lines
+
+
+def test_a_disabled_plugin_is_gone(tmp_path):
+    path = config(tmp_path)
+    path.write_text(path.read_text().replace("[gateway]", '[gateway]\ndisable_plugins = ["masking"]'))
+    result = run("plugins", "-c", str(path))
+    assert result.returncode == 0 and "masking" not in result.stdout and "policy  (built-in)" in result.stdout
+
+
+def test_serve_stops_cleanly_on_sigterm_and_flushes_the_trail(tmp_path):
+    listen_port, admin_port = free_port(), free_port()
+    path = config(tmp_path, listen_port, admin_port)
+    process = subprocess.Popen([*BASTION, "serve", "-c", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", admin_port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        lingering = socket.create_connection(("127.0.0.1", listen_port))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert lingering.recv(10) == b""
+    finally:
+        if process.poll() is None:
+            process.kill()
+    result = run("audit", "verify", "-c", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    listing = run("sessions", "list", "-c", str(path), "--json")
+    assert listing.returncode == 0, listing.stderr
+    sessions = json.loads(listing.stdout)
+    assert len(sessions) == 1
+
+
+def test_serve_with_a_port_in_use_says_so(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run("serve", "-c", str(config(tmp_path, taken.getsockname()[1])))
+    assert result.returncode == 1
+    assert "cannot listen on" in result.stderr and "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["check", "-c", "/nonexistent/bastion.toml"]])
+def test_usage_errors_are_short(argv):
+    result = run(*argv)
+    assert result.returncode in (1, 2)
+    assert "Traceback" not in result.stderr
