@@ -191,7 +191,10 @@ class Catalog:
 
     ``search_path`` is where unqualified names are looked up: PostgreSQL's search path (``public``
     by default; ``pg_catalog`` is searched first unless listed, as the server does), MySQL's current
-    database. ``version`` keys caches; when not given it is a digest of the content.
+    database (``(database,)``; empty when there is none). ``version`` keys caches: two catalogs are
+    equal when their version and search path are, so a caller that names versions itself must
+    change the version whenever the tables change; when not given it is a digest of the content.
+    Table and column names are lower-cased: tables whose names differ only in case are merged.
     """
 
     tables: Mapping[str, tuple[str, ...]] = attrs.field(
@@ -210,7 +213,7 @@ class Catalog:
         """Build from ``(table_schema, table_name, column_name, ordinal_position)`` rows.
 
         These are the columns of ``information_schema.columns`` in both PostgreSQL and MySQL; rows
-        may come in any order.
+        may come in any order. For MySQL pass ``search_path=(current_database,)``.
         """
         collected: dict[str, list[tuple[int, str]]] = {}
         for table_schema, table_name, column_name, ordinal_position in rows:
