@@ -12,7 +12,7 @@ from bastion.core.loading import load
 from bastion.plugins import identity_keycloak, identity_mtls, identity_oidc, identity_static
 from bastion.plugins.identity_static import add_key
 from bastion.policies.model import AuthOutcome, AuthStatus, Credential
-from tests.issuer import FakeClock, component_context, issuer, trio_test  # noqa: F401
+from tests.issuer import component_context, issuer, trio_test  # noqa: F401
 
 PLUGINS = [identity_static, identity_oidc, identity_keycloak, identity_mtls]
 
