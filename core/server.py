@@ -92,15 +92,25 @@ class Runtime:
         self.metrics.audit_records.labels(event.type).inc()
         self.hooks.record(event)
 
-    async def review(self, session: Session, requests: Sequence[Request], decision: Decision) -> Decision:
+    async def review(self, session: Session, request_no: int, requests: Sequence[Request], decision: Decision) -> Decision:
         """Hold a statement for a human. Without an approval service, review means no."""
         if self.approvals is None:
-            return Decision.deny(
-                ",".join(decision.rules) or "review",
-                "this statement needs a reviewer's approval and no approval service is running",
-                decision.policy_version,
-            )
-        return await self.approvals.hold(session, requests, decision)
+            return _no_reviewer(decision)
+        return await self.approvals.hold(session, request_no, requests, decision)
+
+    async def review_rows(self, session: Session, judgement: Any, rows_sent: int) -> Decision:
+        """Hold a result at its row threshold for a human."""
+        if self.approvals is None:
+            return _no_reviewer(judgement.decision)
+        return await self.approvals.hold_rows(session, judgement, rows_sent)
+
+
+def _no_reviewer(decision: Decision) -> Decision:
+    return Decision.deny(
+        ",".join(decision.rules) or "review",
+        "this needs a reviewer's approval and no approval service is running",
+        decision.policy_version,
+    )
 
 
 def component_context(config: Config, runtime_resolve, name: str) -> ComponentContext:

@@ -31,6 +31,7 @@ from bastion.policies.model import (
     Message,
     Request,
     ResultShape,
+    ReviewRequirement,
     Verdict,
 )
 
@@ -73,6 +74,9 @@ class Judgement:
     request_no: int
     requests: tuple[Request, ...]
     decision: Decision
+    # set when the statement may run but its result must pause at ``row_review.rows_over`` rows
+    # until a reviewer approves the rest (see Session.approve_rows)
+    row_review: ReviewRequirement | None = None
 
     @property
     def allowed(self) -> bool:
@@ -132,6 +136,11 @@ class Session:
         self.expired = False
         # set by the protocol handler: says goodbye in the protocol's words (e.g. a FATAL error)
         self.farewell: Callable[[str], Awaitable[None]] | None = None
+        # set by the protocol handler: tells the caller something while a statement is held
+        # (PostgreSQL: a NoticeResponse naming the approval request)
+        self.notify: Callable[[str], Awaitable[None]] | None = None
+        # the caller's reason for what it is about to do, shown to reviewers
+        self.justification: str | None = None
 
     # --- snapshot for hooks ---------------------------------------------------------------------
 
@@ -266,10 +275,20 @@ class Session:
         ``parameters`` must already be masked.
         """
         requests, decision = judged if judged is not None else self.judge(message)
-        if decision.verdict is Verdict.REVIEW:
-            decision = await self.runtime.review(self, requests, decision)
         self.requests += 1
         request_no = self.requests
+        row_review = None
+        if decision.verdict is Verdict.REVIEW:
+            if decision.reviews and all(r.rows_over is not None for r in decision.reviews):
+                # the statement runs; its result pauses at the threshold (approve_rows)
+                row_review = min(decision.reviews, key=lambda r: r.rows_over)
+                decision = attrs.evolve(
+                    decision,
+                    verdict=Verdict.ALLOW,
+                    reasons=(*decision.reasons, f"rows past {row_review.rows_over} need a reviewer's approval"),
+                )
+            else:
+                decision = await self.runtime.review(self, request_no, requests, decision)
         findings = {f.name: f for r in requests for f in r.findings}
         event = events.RequestJudged(
             session_id=self.id,
@@ -301,7 +320,17 @@ class Session:
                     "the audit trail cannot record this statement, so it is not run",
                 )
         self.runtime.metrics.requests.labels(self.config.name, decision.verdict.value).inc()
-        return Judgement(request_no, tuple(requests), decision)
+        return Judgement(request_no, tuple(requests), decision, row_review)
+
+    async def approve_rows(self, judgement: Judgement, rows_sent: int) -> Decision:
+        """A result reached its review threshold: hold it until a reviewer decides.
+
+        The protocol stops reading the server while this waits (so memory stays bounded) and,
+        unless the answer is allow, cancels the query upstream and ends the statement with an
+        error. Returns the reviewer's decision (deny on expiry or without an approval service).
+        """
+        assert judgement.row_review is not None
+        return await self.runtime.review_rows(self, judgement, rows_sent)
 
     # --- transform ---------------------------------------------------------------------------------
 
