@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from bastion.core.loading import load
+from bastion.core.plugins import BUILTIN_PLUGINS
 from bastion.plugins import identity_keycloak, identity_mtls, identity_oidc, identity_static
 from bastion.plugins.identity_static import add_key
 from bastion.policies.model import AuthOutcome, AuthStatus, Credential
@@ -70,7 +71,8 @@ async def ask_in_order(providers: list[tuple[str, object]], credential: Credenti
 
 @trio_test
 async def test_one_configuration_with_every_kind_routes_each_credential_to_its_provider(tmp_path, issuer):  # noqa: F811
-    loaded = load(write_config(tmp_path, issuer.base_url), extra_plugins=PLUGINS, entry_points=False)
+    not_yet_built_in = [m for m in PLUGINS if m.__name__ not in BUILTIN_PLUGINS.values()]
+    loaded = load(write_config(tmp_path, issuer.base_url), extra_plugins=not_yet_built_in, entry_points=False)
     specs = loaded.hooks.identity_providers()
     assert {"static-token", "oidc", "keycloak", "mtls"} <= set(specs)
     providers = [
