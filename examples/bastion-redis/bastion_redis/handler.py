@@ -65,6 +65,9 @@ MAX_LOGIN_REPLY = 64 * 1024
 DRAIN_AFTER_ERROR_SECONDS = 5.0
 # after QUIT the server answers +OK and hangs up; one that stays on must not keep the session open
 QUIT_GRACE_SECONDS = 5.0
+# A caller may hang up the moment it has its last reply, which cancels the proxy: the record of
+# that reply is still written, shielded from the cancellation, but for no longer than this.
+RECORD_DEADLINE_SECONDS = 5.0
 
 NOAUTH = "NOAUTH Authentication required."
 WRONGPASS = "WRONGPASS invalid username-password pair or user is disabled."
@@ -159,6 +162,10 @@ class _Proxy:
                 else:
                     nursery.cancel_scope.cancel()
         finally:
+            # commands forwarded whose reply never came: the trail still closes each request
+            unanswered = [entry for entry in self.pending if isinstance(entry, _Forwarded)]
+            for entry in unanswered:
+                await self._record(entry.request_no, "cancelled")
             if self.upstream is not None:
                 await trio.aclose_forcefully(self.upstream)
 
@@ -300,7 +307,7 @@ class _Proxy:
             await self._wait_drained()
             self.pass_through = True
             await self._forward(command.args)
-            await session.record_response(request_no, "ok", command_tag="pass-through")
+            await self._record(request_no, "ok", command_tag="pass-through")
             return
         if name == "exec" and self.multi_spoiled:
             await self._forward([b"DISCARD"], _Forwarded(request_no, trio.current_time(), EXECABORT))
@@ -343,14 +350,16 @@ class _Proxy:
         """Answer a command without forwarding it, at its turn among the replies due."""
         if self.in_multi:
             self.multi_spoiled = True
-        if self.pass_through:
-            await self._send(reply)
-        else:
-            await self._enqueue(_Refused(request_no, reply))
-            async with self.write_lock:
-                await self._write_refusals_due()
-        if request_no is not None:
-            await self.session.record_response(request_no, "denied", error_code="NOPERM", bytes=len(reply))
+        try:
+            if self.pass_through:
+                await self._send(reply)
+            else:
+                await self._enqueue(_Refused(request_no, reply))
+                async with self.write_lock:
+                    await self._write_refusals_due()
+        finally:
+            if request_no is not None:
+                await self._record(request_no, "denied", error_code="NOPERM", bytes=len(reply))
 
     async def _enqueue(self, entry: _Forwarded | _Refused) -> None:
         await self.slots.acquire()
@@ -397,19 +406,24 @@ class _Proxy:
         self.mid_reply = False
         if self.pass_through or event.push:
             return
-        async with self.write_lock:
-            entry = self.pending.popleft()
+        # The reply is complete and out: settle its entry before anything can be cancelled.
+        entry = self.pending.popleft()
+        if entry.substitute is None:
             self.slots.release()
-            if entry.substitute is not None:
-                await self._send_locked(entry.substitute)
-            await self._write_refusals_due()
-            if not self.pending:
-                self.drained.set()
+        else:  # the substitute takes the entry's place (and slot), so nothing overtakes it
+            self.pending.appendleft(_Refused(None, entry.substitute))
+        try:
+            async with self.write_lock:
+                await self._write_refusals_due()
+        finally:
+            await self._record_reply(entry, event)
+
+    async def _record_reply(self, entry: _Forwarded, event: resp.ReplyEnd) -> None:
         duration_ms = round((trio.current_time() - entry.sent_at) * 1000, 3)
         if entry.substitute is not None:
-            await self.session.record_response(entry.request_no, "error", error_code="EXECABORT", duration_ms=duration_ms)
+            await self._record(entry.request_no, "error", error_code="EXECABORT", duration_ms=duration_ms)
             return
-        await self.session.record_response(
+        await self._record(
             entry.request_no,
             "error" if event.error else "ok",
             bytes=event.size,
@@ -426,6 +440,11 @@ class _Proxy:
             await self._send_locked(entry.reply)
         if not self.pending:
             self.drained.set()
+
+    async def _record(self, request_no: int, status: str, **fields) -> None:
+        with trio.move_on_after(RECORD_DEADLINE_SECONDS) as scope:
+            scope.shield = True
+            await self.session.record_response(request_no, status, **fields)
 
     # --- writing to the caller --------------------------------------------------------------------
 
