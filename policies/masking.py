@@ -63,6 +63,11 @@ What a masked whole value becomes (text format / binary format)::
     arrays of the types above             {}                      / empty array of the element type
     anything else                         NULL                    / MaskingUnsupported at compile
 
+JSON
+    Found text inside JSON strings is rewritten in place (masks hold no quote or backslash);
+    found numbers (``123456789`` as a JSON number) are replaced whole by a JSON string of their
+    mask, so the document stays valid JSON. Custom patterns that match quotes can break this.
+
 Audit counts (:meth:`RowMasker.counts`)
     Masked cells (not spans) per ``column:recognizer`` for what recognizers found,
     ``column:rule`` for whole values, ``column:unreadable`` for binary values replaced because
@@ -80,6 +85,7 @@ whole, because what cannot be read cannot be shown to be clean.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import datetime
 import fnmatch
@@ -538,11 +544,13 @@ def _rewrite_spans(
     strategies: Mapping[str, str],
     recognizers: Mapping[str, Recognizer],
     keyed: _Keyed,
+    quote: Callable[[int], bool] | None = None,
 ) -> bytes | None:
-    """``data`` with every span replaced by its strategy's mask; None when a strategy is null."""
+    """``data`` with every span replaced by its strategy's mask; None when a strategy is null.
+    ``quote(i)``: write span ``i``'s mask as a JSON string (it stood outside one)."""
     pieces: list[bytes] = []
     last = 0
-    for start, end, names in spans:
+    for index, (start, end, names) in enumerate(spans):
         if len(names) == 1:
             name = names[0]
             strategy = strategies[name]
@@ -558,6 +566,8 @@ def _rewrite_spans(
             replacement = keyed.pseudonym(recognizers[name].canonical(found) if name else found)
         else:
             return None
+        if quote is not None and quote(index):
+            replacement = b'"' + replacement + b'"'
         pieces.append(data[last:start])
         pieces.append(replacement)
         last = end
@@ -566,6 +576,33 @@ def _rewrite_spans(
 
 
 _EMAIL_VALUE = re.compile(rb"[^@\s]{1,64}(@[^@\s]+\.[^@\s]+)")
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)  # each step takes a byte: linear
+_JSON_NUMBER_BYTES = frozenset(b"0123456789+-.eE")
+
+
+def _json_spans(data: bytes, spans: list[Span]) -> tuple[list[Span], Callable[[int], bool]]:
+    """Spans of JSON text, those outside strings (numbers) widened to the whole number, and which
+    of them must be written as a JSON string: a mask in place of a number is no JSON value."""
+    strings = [match.span() for match in _JSON_STRING.finditer(data)]
+    starts = [start for start, _ in strings]
+    widened: list[Span] = []
+    outside: set[int] = set()
+    for start, end, names in spans:
+        at = bisect.bisect_right(starts, start) - 1
+        if at >= 0 and strings[at][0] < start and end <= strings[at][1]:
+            widened.append(Span(start, end, names))
+            continue
+        while start > 0 and data[start - 1] in _JSON_NUMBER_BYTES:
+            start -= 1
+        while end < len(data) and data[end] in _JSON_NUMBER_BYTES:
+            end += 1
+        if widened and start < widened[-1].end:  # cannot happen for number tokens; never overlap
+            raise MaskingError("overlapping spans in JSON text")
+        outside.add(len(widened))
+        widened.append(Span(start, end, names))
+    return widened, outside.__contains__
 
 
 def _partial_whole_text(value: bytes) -> bytes:
@@ -698,6 +735,7 @@ def _scanning_mask(
     kind = pg_type.kind
 
     if _scannable_in_place(pg_type, binary):
+        is_json = kind in ("json", "jsonb")
 
         def rewrite(data: bytes) -> bytes | None:
             spans = find(data)
@@ -705,6 +743,9 @@ def _scanning_mask(
                 return data
             for name in {n for span in spans for n in span.recognizers}:
                 tally[label_prefix + name] += 1
+            if is_json:
+                spans, quote = _json_spans(data, spans)
+                return _rewrite_spans(data, spans, strategies, recognizers, keyed, quote)
             return _rewrite_spans(data, spans, strategies, recognizers, keyed)
 
         in_encoding = _transcoded(rewrite, context.codec)

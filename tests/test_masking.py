@@ -243,6 +243,14 @@ def test_json_stays_valid_json():
     assert json.loads(whole) == "[REDACTED]"
 
 
+def test_numbers_in_json_become_json_strings():
+    rules = [MaskRule("d", columns=("*.doc", "*.b"), recognizers=("ssn", "npi"), strategy="partial")]
+    plan = plan_for([col("doc", JSON), col("b", JSONB, binary=True)], rules)
+    doc, binary = masked(plan, b'{"n": -123456789.5, "s": "x 123456789", "l": [1234567893]}', b"\x01123456789")
+    assert json.loads(doc) == {"n": "-******789.5", "s": "x *****6789", "l": ["******7893"]}
+    assert json.loads(binary[1:]) == "*****6789"
+
+
 def test_text_arrays():
     rule = [MaskRule("a", columns=("*.tags",), recognizers=("ssn",))]
     assert masked(plan_for([col("tags", TEXT_ARRAY)], rule), b'{"123-45-6789",x}') == [b'{"[REDACTED]",x}']
