@@ -279,7 +279,7 @@ def add_key(
             digest=digest(key),
             created=now.replace(microsecond=0),
             groups=groups,
-            expires=expires,
+            expires=expires.replace(microsecond=0) if expires is not None else None,  # whole seconds, rounded down
             description=description,
         )
         write_tokens(path, {**keys, key_id: entry})

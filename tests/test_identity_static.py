@@ -74,7 +74,7 @@ def test_keys_are_prefixed_and_carry_their_key_id(tokens_file):
 
 
 def test_a_minted_key_authenticates_with_its_subject_groups_and_expiry(tokens_file):
-    expires = datetime.now(UTC) + timedelta(days=30)
+    expires = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
     minted = add_key(tokens_file, "ci-nightly", ["etl"], expires=expires)
 
     outcome = authenticate(provider_for(tokens_file), minted.key)
