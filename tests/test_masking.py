@@ -740,10 +740,11 @@ def test_property_random_cells_never_raise(data, strategy):
 
 
 @given(st.text(max_size=200))
-def test_property_mask_text_never_raises_and_keeps_clean_text(text):
+def test_property_mask_text_never_raises_keeps_clean_text_and_is_idempotent(text):
     result, counts = mask_text(text)
     if not counts:
         assert result == text
+    assert mask_text(result)[0] == result
 
 
 @given(st.binary(min_size=1, max_size=40), st.binary(min_size=1, max_size=40))
