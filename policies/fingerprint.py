@@ -83,7 +83,9 @@ _LITERAL_IDENTIFIER_OR_STRAY = {
 # never in an accepted input: the unsafe pattern refuses control characters
 _STRAY_MARK = "\x00"
 _LITERAL_MARK = "\x01"
-_QUOTED_IDENTIFIER_PATTERN = {dialect: re.compile(quoted) for dialect, quoted in _QUOTED_IDENTIFIER.items()}
+_QUOTED_IDENTIFIER_PATTERN = {
+    dialect: re.compile(quoted) for dialect, quoted in _QUOTED_IDENTIFIER.items()
+}
 
 
 def _keep_identifier(match: re.Match[str]) -> str:
@@ -102,8 +104,9 @@ def fingerprint(sql: str, dialect: str) -> str | None:
     caller must analyse the statement in full.
     """
     quote = _QUOTE_BY_NAME.get(dialect)
-    if quote is None:
-        raise ValueError(f"unsupported SQL dialect {dialect!r}")
+    if quote is None:  # another spelling ("PostgreSQL"), or a configuration error that raises
+        dialect = canonical_dialect(dialect)
+        quote = _QUOTE_CHARACTER[dialect]
     found = _UNSAFE_CHARACTER.search(sql)
     if found is not None and (found.group() != "$" or _DOLLAR_NOT_PARAMETER.search(sql)):
         return None

@@ -268,6 +268,10 @@ def test_an_unsupported_dialect_is_a_configuration_error() -> None:
     with pytest.raises(ValueError):
         analyze("SELECT 1", "oracle")
     assert canonical_dialect("PostgreSQL") == "postgres" and canonical_dialect("mariadb") == "mysql"
+    assert fingerprint("SELECT 1", "PostgreSQL") == fingerprint("SELECT 2", "postgres")
+    assert Analyzer().analyze("SELECT 1", "MariaDB")[0].kind == "select"
+    with pytest.raises(ValueError):
+        Analyzer().analyze("SELECT 1", "oracle")
 
 
 # --- the cache -----------------------------------------------------------------------------------
