@@ -319,18 +319,18 @@ def _validate_ipv6(data: bytes, start: int, end: int, scoped: bool) -> Bounds | 
     # the candidate may start inside the first group ("fe80::1" is found at its '8')
     while start > 0 and data[start - 1] in _HEX_BYTES and end - start < IPV6_MAX_CHARS:
         start -= 1
-    while end > start and data[end - 1] in b".:" and data[end - 2 : end] != b"::":
-        end -= 1
-    candidate = data[start:end]
-    # cheap filters first: times (10:30:00), MAC addresses and colon runs never get to ipaddress
-    compressions = candidate.count(b"::")
-    if compressions > 1 or b":::" in candidate or (compressions == 0 and candidate.count(b":") < 6):
-        return None
     if _alnum_at(data, start - 1):
         return None
-    if start > 0 and data[start - 1] in b":." and start > 1 and data[start - 2] in _HEX_BYTES:
+    if start > 1 and data[start - 1] in b":." and data[start - 2] in _HEX_BYTES:
         return None  # continues a longer address-like run; "ip:fe80::1" is fine
-    if _alnum_at(data, end) or len(candidate) < 3:
+    while end > start and data[end - 1] in b".:" and data[end - 2 : end] != b"::":
+        end -= 1
+    if _alnum_at(data, end) or end - start < 3:
+        return None
+    candidate = data[start:end]
+    # cheap filters before ipaddress: times (10:30:00), MAC addresses, colon runs
+    compressions = candidate.count(b"::")
+    if compressions > 1 or b":::" in candidate or (compressions == 0 and candidate.count(b":") < 6):
         return None
     try:
         ipaddress.IPv6Address(candidate.decode("ascii"))
