@@ -22,8 +22,10 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "sql": "bastion.plugins.sql",
     "policy": "bastion.plugins.policy",
     "masking": "bastion.plugins.masking",
+    "static-token": "bastion.plugins.identity_static",
     "oidc": "bastion.plugins.identity_oidc",
     "keycloak": "bastion.plugins.identity_keycloak",
+    "mtls": "bastion.plugins.identity_mtls",
     "audit-sinks": "bastion.plugins.audit_sinks",
     "audit-commands": "bastion.plugins.audit_commands",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import servers
+from tests.issuer import issuer  # noqa: F401  (a Keycloak-compatible OIDC issuer)
 
 
 @pytest.fixture(scope="session")
