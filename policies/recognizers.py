@@ -535,8 +535,9 @@ _FORMS: tuple[_Form, ...] = (
     # forms whose candidates are often rejected (times, dates without a keyword, digit groups)
     # come last among the numbers, because a rejected candidate is offered to every later form.
     # Consecutive number forms share one run-start check in the combined pattern.
-    # from the '@': domain labels of at most 63 bytes (DNS), up to 9 of them; the validator walks
-    # back over the local part
+    #
+    # e-mail, from the '@': domain labels of at most 63 bytes (DNS), up to 9 of them; the
+    # validator walks back over the local part
     _Form("email", b"@", rb"[A-Za-z0-9\x80-\xff-]{1,63}(?:\.[A-Za-z0-9\x80-\xff-]{1,63}){1,8}", _validate_email),
     _number("ssn", _D, rb"[0-9]{2}(?:-[0-9]{2}-|\x20[0-9]{2}\x20|[0-9]{2})[0-9]{4}" + _NO_MORE_DIGITS, _validate_ssn),
     _number("npi", b"12", rb"[0-9]{9}" + _NO_MORE_DIGITS, _validate_npi),
