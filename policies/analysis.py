@@ -396,6 +396,7 @@ def to_request(analysis: StatementAnalysis, message: Message) -> Request:
         findings=analysis.findings,
         fingerprint=analysis.fingerprint,
         redacted_text=analysis.redacted_text,
+        columns_complete=analysis.output_complete,
         analysis=analysis,
     )
 

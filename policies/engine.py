@@ -15,8 +15,8 @@ version; they are combined with :meth:`Decision.combine`, deny over review over 
    ``statements`` (``"*"`` is any action but ``unknown``) or is one of its ``capabilities``,
    every table read or written matches its ``tables`` (when given), every column read matches
    its ``columns`` (when given) — and when the analysis says the statement returns columns it
-   cannot list (``SELECT *`` without a catalog, reported as ``output_complete = False`` on
-   ``request.analysis``), ``columns`` must allow every column of each table read
+   cannot list (``SELECT *`` without a catalog, reported as ``request.columns_complete = False``),
+   ``columns`` must allow every column of each table read
    (``public.visits.*``) — and the grant has every capability the request needs. Otherwise
    an explicit deny (rule ``default-deny``) says why the nearest grant did not cover it, so a
    review elsewhere can never turn an ungranted request into a reviewable one.
@@ -85,7 +85,7 @@ def _decision_key(identity: Identity, target: str, request: Request) -> tuple[ob
 def _columns_listed(request: Request) -> bool:
     """False when the analysis says the statement returns columns it cannot name (``SELECT *``
     without a catalog): a column allowlist cannot vouch for those."""
-    return getattr(request.analysis, "output_complete", True) is not False
+    return request.columns_complete
 
 
 def _combined(policy: PolicySet, identity: Identity, target: str, request: Request) -> Decision:

@@ -136,6 +136,9 @@ class Request:
     findings: tuple[Finding, ...] = ()
     fingerprint: str = ""
     redacted_text: str = ""  # the statement with literals masked: what the audit trail keeps
+    # False when the request may read columns the parser cannot list (``SELECT *`` over a table
+    # the catalog does not know): a column allowlist cannot be checked, so it must not pass
+    columns_complete: bool = True
     analysis: Any = attrs.field(default=None, eq=False)
 
     @property

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import attrs
 import pytest
@@ -112,7 +111,7 @@ def test_column_allowlist() -> None:
 
 def unlisted_columns(req: Request) -> Request:
     """What the analysis reports for SELECT * without a catalog: columns it cannot name."""
-    return attrs.evolve(req, analysis=SimpleNamespace(output_complete=False))
+    return attrs.evolve(req, columns_complete=False)
 
 
 def test_a_column_allowlist_covers_unlisted_columns_only_of_tables_it_allows_whole() -> None:
@@ -120,7 +119,7 @@ def test_a_column_allowlist_covers_unlisted_columns_only_of_tables_it_allows_who
     decision = decide(NIGHTLY, unlisted_columns(patients))
     assert decision.verdict is Verdict.DENY
     assert 'grant "nightly-extract" allows only some columns of public.patients, and the statement reads columns Bastion cannot list' in decision.summary
-    assert decide(NIGHTLY, attrs.evolve(patients, analysis=SimpleNamespace(output_complete=True))).verdict is Verdict.REVIEW
+    assert decide(NIGHTLY, attrs.evolve(patients, columns_complete=True)).verdict is Verdict.REVIEW
     visits = request("select", read={"public.visits"})
     assert decide(NIGHTLY, unlisted_columns(visits)).verdict is Verdict.ALLOW  # columns = ["public.visits.*"]
     both = request("select", read={"public.visits", "public.patients"})
