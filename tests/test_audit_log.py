@@ -396,3 +396,14 @@ def test_a_generated_key_is_private_and_stable(tmp_path: Path) -> None:
     assert created and not created_again
     assert auditlog.public_key_bytes(key) == auditlog.public_key_bytes(again)
     assert (tmp_path / auditlog.SIGNING_KEY_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_half_made_files_of_the_own_slot_are_removed_at_open(tmp_path: Path, key) -> None:
+    write_log(tmp_path, key, 2, segment_max_bytes=10**6)
+    own = tmp_path / "main-00000002.seg.tmp"
+    others = tmp_path / "main.1-00000001.seg.tmp"
+    own.write_bytes(b"crash")
+    others.write_bytes(b"someone else's")
+    write_log(tmp_path, key, 1, segment_max_bytes=10**6)
+    assert not own.exists() and others.exists()
+    assert auditlog.verify(tmp_path, trusted(key)).ok
