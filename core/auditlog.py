@@ -852,7 +852,15 @@ class LogWriter:
             raise AuditLogError(f"audit segment {segment_path(directory, slot, last).name} is missing and its manifest is {problem}; run `bastion audit verify`")
         if manifest is not None:
             warnings.append(RecoveryWarning(slot, last, f"the manifest of segment {last} is invalid ({problem}); segment rescanned and sealed again"))
-        scan = scan_segment(segment_path(directory, slot, last))
+        path = segment_path(directory, slot, last)
+        # the last run may have died before its data reached the disk (or after a failed fsync):
+        # make the bytes durable before a manifest vouches for their hash
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        scan = scan_segment(path)
         previous, _, previous_problem = read_manifest(directory, slot, last - 1) if last > 1 else (None, None, "")
         header = scan.header
         if header is None:
