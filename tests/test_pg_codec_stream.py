@@ -464,3 +464,17 @@ def test_mutated_bodies_decode_or_raise_protocol_errors(data: st.DataObject, mes
         pg.decode_backend(frame_type, body)
     except pg.ProtocolError:
         pass
+
+
+@pytest.mark.parametrize(("direction", "known"), [("frontend", pg.FRONTEND_TYPES), ("backend", pg.BACKEND_TYPES)])
+def test_the_splitter_accepts_exactly_the_types_the_direction_has(direction: str, known: frozenset[bytes]) -> None:
+    accepted = set()
+    for code in range(256):
+        splitter = pg.FrameSplitter(direction)
+        splitter.receive_data(bytes((code,)) + struct.pack(">i", 4))
+        try:
+            assert splitter.next_frame() == (bytes((code,)), b"")
+            accepted.add(bytes((code,)))
+        except pg.ProtocolError:
+            pass
+    assert accepted == known

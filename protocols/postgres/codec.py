@@ -130,7 +130,7 @@ _NULL_LENGTH = _I32.pack(-1)
 _U16_MAX = 0xFFFF
 
 
-def _fail(message: str) -> ProtocolError:
+def _violation(message: str) -> ProtocolError:
     return ProtocolError(message, PROTOCOL_VIOLATION)
 
 
@@ -145,13 +145,13 @@ def _cstring(body: bytes, pos: int) -> tuple[str, int]:
 def _only_cstring(body: bytes, what: str) -> str:
     """A body that is exactly one NUL-terminated string (a NUL inside would smuggle a tail)."""
     if body.find(0) != len(body) - 1:
-        raise _fail(f"{what} is not one NUL-terminated string")
+        raise _violation(f"{what} is not one NUL-terminated string")
     return body[:-1].decode()
 
 
 def _end(body: bytes, pos: int, what: str) -> None:
     if pos != len(body):
-        raise _fail(f"{what} has {len(body) - pos} bytes more than its fields")
+        raise _violation(f"{what} has {len(body) - pos} bytes more than its fields")
 
 
 def _counted(body: bytes, pos: int, fmt: str) -> tuple[tuple[int, ...], int]:
@@ -179,16 +179,16 @@ def _values(body: bytes, pos: int) -> tuple[tuple[bytes | None, ...], int]:
         elif length == -1:
             append(None)
         else:
-            raise _fail(f"value length {length}")
+            raise _violation(f"value length {length}")
     if pos > len(body):
-        raise _fail("value runs past the end of the message")
+        raise _violation("value runs past the end of the message")
     return tuple(values), pos
 
 
 def _empty(message: Any, what: str) -> Callable[[bytes], Any]:
     def decode(body: bytes) -> Any:
         if body:
-            raise _fail(f"{what} must have an empty body")
+            raise _violation(f"{what} must have an empty body")
         return message
 
     return decode
@@ -210,7 +210,7 @@ def decode_startup(packet: bytes) -> StartupRequest:
     except UnicodeDecodeError as exc:
         raise ProtocolError("startup packet has a string that is not UTF-8", CHARACTER_NOT_IN_REPERTOIRE) from exc
     except (struct.error, ValueError, IndexError) as exc:
-        raise _fail("malformed startup packet") from exc
+        raise _violation("malformed startup packet") from exc
 
 
 def _decode_startup(body: bytes) -> StartupRequest:
@@ -219,20 +219,20 @@ def _decode_startup(body: bytes) -> StartupRequest:
         return _decode_startup_message(code, body)
     if code == SSL_REQUEST_CODE:
         if len(body) != 4:
-            raise _fail("SSLRequest has a body")
+            raise _violation("SSLRequest has a body")
         return _SSL_REQUEST
     if code == GSSENC_REQUEST_CODE:
         if len(body) != 4:
-            raise _fail("GSSENCRequest has a body")
+            raise _violation("GSSENCRequest has a body")
         return _GSSENC_REQUEST
     if code == CANCEL_REQUEST_CODE:
         (process_id,) = _I32.unpack_from(body, 4)
         key = body[8:]
         if not MIN_CANCEL_KEY_LENGTH <= len(key) <= MAX_CANCEL_KEY_LENGTH:
-            raise _fail(f"CancelRequest key of {len(key)} bytes")
+            raise _violation(f"CancelRequest key of {len(key)} bytes")
         return CancelRequest(process_id, key)
     if code >> 16 == _SPECIAL_REQUEST_MAJOR:
-        raise _fail(f"unknown startup request code {code}")
+        raise _violation(f"unknown startup request code {code}")
     raise ProtocolError(
         f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: only 3.x is supported",
         FEATURE_NOT_SUPPORTED,
@@ -241,7 +241,7 @@ def _decode_startup(body: bytes) -> StartupRequest:
 
 def _decode_startup_message(version: int, body: bytes) -> StartupMessage:
     if body[-1:] != b"\x00":
-        raise _fail("startup packet does not end with its terminator")
+        raise _violation("startup packet does not end with its terminator")
     parameters = []
     seen = set()
     pos = 4
@@ -250,9 +250,9 @@ def _decode_startup_message(version: int, body: bytes) -> StartupMessage:
         name, pos = _cstring(body, pos)
         value, pos = _cstring(body, pos)
         if not name:
-            raise _fail("startup packet has bytes after its terminator")
+            raise _violation("startup packet has bytes after its terminator")
         if name in seen:
-            raise _fail(f"startup parameter {name[:64]!r} given twice")
+            raise _violation(f"startup parameter {name[:64]!r} given twice")
         seen.add(name)
         parameters.append((name, value))
     _end(body, pos + 1, "startup packet")
@@ -278,7 +278,7 @@ def _decode_sasl_initial(body: bytes) -> SASLInitialResponse:
         _end(body, pos, "SASLInitialResponse")
         return SASLInitialResponse(mechanism, None)
     if length != len(body) - pos:
-        raise _fail("SASLInitialResponse length does not match its data")
+        raise _violation("SASLInitialResponse length does not match its data")
     return SASLInitialResponse(mechanism, body[pos:])
 
 
@@ -315,7 +315,7 @@ def _decode_bind(body: bytes) -> Bind:
 def _target(body: bytes, what: str) -> tuple[str, str]:
     kind = body[:1]
     if kind != b"S" and kind != b"P":
-        raise _fail(f"{what} of kind {kind!r}: expected S or P")
+        raise _violation(f"{what} of kind {kind!r}: expected S or P")
     return kind.decode(), _only_cstring(body[1:], what)
 
 
@@ -371,18 +371,18 @@ def decode_frontend(frame_type: bytes, body: bytes, password_kind: str = PASSWOR
     ``password_kind`` says how to read a ``'p'`` frame (one of :data:`PASSWORD_KINDS`): it is
     whatever the server's last Authentication request asked for.
     """
-    if type(body) is not bytes:
+    decoder = _FRONTEND_DECODERS.get(frame_type)
+    if decoder is None:
+        if frame_type == b"p":
+            decoder = _PASSWORD_DECODERS.get(password_kind)
+            if decoder is None:
+                raise ValueError(f"unknown password kind {password_kind!r}")
+        elif frame_type == b"":
+            return decode_startup(body)
+        else:
+            raise _violation(f"invalid frontend message type {frame_type!r}")
+    if body.__class__ is not bytes:
         body = _as_bytes(body)
-    if frame_type == b"p":
-        decoder = _PASSWORD_DECODERS.get(password_kind)
-        if decoder is None:
-            raise ValueError(f"unknown password kind {password_kind!r}")
-    elif frame_type == b"":
-        return decode_startup(body)
-    else:
-        decoder = _FRONTEND_DECODERS.get(frame_type)
-        if decoder is None:
-            raise _fail(f"invalid frontend message type {frame_type!r}")
     try:
         return decoder(body)
     except ProtocolError:
@@ -390,7 +390,7 @@ def decode_frontend(frame_type: bytes, body: bytes, password_kind: str = PASSWOR
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"{frame_type!r} message has a string that is not UTF-8", CHARACTER_NOT_IN_REPERTOIRE) from exc
     except (struct.error, ValueError, IndexError) as exc:
-        raise _fail(f"malformed {frame_type!r} message") from exc
+        raise _violation(f"malformed {frame_type!r} message") from exc
 
 
 # --- backend ------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def _fixed_auth(message: Any) -> Callable[[bytes], Any]:
 
 def _decode_md5(body: bytes) -> AuthenticationMD5Password:
     if len(body) != 8:
-        raise _fail("AuthenticationMD5Password salt is not 4 bytes")
+        raise _violation("AuthenticationMD5Password salt is not 4 bytes")
     return AuthenticationMD5Password(body[4:])
 
 
@@ -440,7 +440,7 @@ def _decode_authentication(body: bytes) -> BackendMessage:
     (code,) = _I32.unpack_from(body, 0)
     decoder = _AUTHENTICATION_DECODERS.get(code)
     if decoder is None:
-        raise _fail(f"unsupported authentication request {code}")
+        raise _violation(f"unsupported authentication request {code}")
     return decoder(body)
 
 
@@ -455,14 +455,14 @@ def _decode_backend_key_data(body: bytes) -> BackendKeyData:
     (process_id,) = _I32.unpack_from(body, 0)
     key = body[4:]
     if not MIN_CANCEL_KEY_LENGTH <= len(key) <= MAX_CANCEL_KEY_LENGTH:
-        raise _fail(f"BackendKeyData key of {len(key)} bytes")
+        raise _violation(f"BackendKeyData key of {len(key)} bytes")
     return BackendKeyData(process_id, key)
 
 
 def _decode_negotiate(body: bytes) -> NegotiateProtocolVersion:
     minor, count = struct.unpack_from(">ii", body, 0)
     if count < 0:
-        raise _fail("NegotiateProtocolVersion with a negative option count")
+        raise _violation("NegotiateProtocolVersion with a negative option count")
     pos = 8
     options = []
     for _ in range(count):
@@ -500,7 +500,7 @@ def _decode_row_description(body: bytes) -> RowDescription:
 def _decode_data_row(body: bytes) -> DataRow:
     values, pos = _values(body, 0)
     if pos != len(body):
-        raise _fail("DataRow has bytes past its last value")
+        raise _violation("DataRow has bytes past its last value")
     return DataRow(values)
 
 
@@ -520,7 +520,7 @@ def _decode_function_call_response(body: bytes) -> FunctionCallResponse:
         _end(body, 4, "FunctionCallResponse")
         return FunctionCallResponse(None)
     if length != len(body) - 4:
-        raise _fail("FunctionCallResponse length does not match its value")
+        raise _violation("FunctionCallResponse length does not match its value")
     return FunctionCallResponse(body[4:])
 
 
@@ -533,8 +533,7 @@ def _decode_notification(body: bytes) -> NotificationResponse:
 
 
 def _fields(cls: type) -> Callable[[bytes], Any]:
-    # Servers localize these texts and may send them before client_encoding is in force: a
-    # byte that is not UTF-8 must not cost the client the server's error, so it is replaced.
+    # not UTF-8 is replaced, not refused: see messages._FieldsMessage
     def decode(body: bytes) -> Any:
         fields = []
         pos = 0
@@ -554,7 +553,7 @@ _READY_FOR_QUERY = {status.encode(): ReadyForQuery(status) for status in ("I", "
 def _decode_ready_for_query(body: bytes) -> ReadyForQuery:
     ready = _READY_FOR_QUERY.get(body)
     if ready is None:
-        raise _fail(f"ReadyForQuery status {body[:1]!r}")
+        raise _violation(f"ReadyForQuery status {body[:1]!r}")
     return ready
 
 
@@ -564,7 +563,7 @@ _ENCRYPTION_RESPONSES = {code.encode(): EncryptionResponse(code) for code in ("S
 def _decode_encryption_response(body: bytes) -> EncryptionResponse:
     response = _ENCRYPTION_RESPONSES.get(body)
     if response is None:
-        raise _fail(f"answer {body[:1]!r} to an encryption request")
+        raise _violation(f"answer {body[:1]!r} to an encryption request")
     return response
 
 
@@ -601,11 +600,11 @@ BACKEND_TYPES = frozenset(_BACKEND_DECODERS) - {b""}
 def decode_backend(frame_type: bytes, body: bytes) -> BackendMessage:
     """Decode a frame a server sent. ``frame_type`` ``b""`` is the one-byte answer to an
     SSLRequest or GSSENCRequest (``body`` is that byte)."""
-    if type(body) is not bytes:
-        body = _as_bytes(body)
     decoder = _BACKEND_DECODERS.get(frame_type)
     if decoder is None:
-        raise _fail(f"invalid backend message type {frame_type!r}")
+        raise _violation(f"invalid backend message type {frame_type!r}")
+    if body.__class__ is not bytes:
+        body = _as_bytes(body)
     try:
         return decoder(body)
     except ProtocolError:
@@ -613,7 +612,7 @@ def decode_backend(frame_type: bytes, body: bytes) -> BackendMessage:
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"{frame_type!r} message has a string that is not UTF-8", CHARACTER_NOT_IN_REPERTOIRE) from exc
     except (struct.error, ValueError, IndexError) as exc:
-        raise _fail(f"malformed {frame_type!r} message") from exc
+        raise _violation(f"malformed {frame_type!r} message") from exc
 
 
 def _as_bytes(body: Any) -> bytes:
@@ -927,10 +926,10 @@ def resolve_formats(codes: tuple[int, ...], count: int) -> tuple[int, ...]:
     elif len(codes) == count:
         resolved = tuple(codes)
     else:
-        raise _fail(f"{len(codes)} format codes for {count} values")
+        raise _violation(f"{len(codes)} format codes for {count} values")
     for code in codes:
         if code != FORMAT_TEXT and code != FORMAT_BINARY:
-            raise _fail(f"unsupported format code {code}")
+            raise _violation(f"unsupported format code {code}")
     return resolved
 
 

@@ -24,6 +24,8 @@ import struct
 from typing import Literal, NoReturn
 
 from bastion.protocols.postgres.codec import (
+    BACKEND_TYPES,
+    FRONTEND_TYPES,
     PASSWORD_KIND_PASSWORD,
     PASSWORD_KINDS,
     decode_backend,
@@ -74,10 +76,12 @@ _LARGEST_LENGTH = 0x7FFFFFFF
 # (sslnegotiation=direct) sends a ClientHello where a startup packet belongs.
 _TLS_HANDSHAKE_BYTE = 0x16
 
-_FRONTEND_LARGE_TYPES = b"QPBFd"
+# Client messages that carry no data: Terminate, Close, Describe, Execute, Flush, Sync, CopyDone,
+# CopyFail (the others, Query, Parse, Bind, FunctionCall and CopyData, may be large).
 _FRONTEND_SMALL_TYPES = b"XCDEHScf"
+# Server messages of a fixed small size: ReadyForQuery, Parse/Bind/CloseComplete, NoData,
+# PortalSuspended, EmptyQueryResponse, CopyDone, BackendKeyData (at most 8 + 256 bytes).
 _BACKEND_SMALL_TYPES = b"Z123nsIcK"
-_BACKEND_TYPES = b"RSKvGHWdcTDCIsn123tVAENZ"
 
 _I32 = struct.Struct(">i")
 _TYPE_BYTES = tuple(bytes((code,)) for code in range(256))
@@ -110,18 +114,17 @@ def _limit_table(direction: Direction, max_message_length: int) -> tuple[int, ..
     """The largest length word accepted for each type byte; 0 marks a type that does not exist."""
     limits = [0] * 256
     if direction == "frontend":
-        for code in _FRONTEND_LARGE_TYPES:
-            limits[code] = max_message_length
-        for code in _FRONTEND_SMALL_TYPES:
-            limits[code] = min(SMALL_MESSAGE_LIMIT, max_message_length)
-        limits[ord("p")] = min(MAX_PASSWORD_MESSAGE_LENGTH, max_message_length)
+        types, small_types = FRONTEND_TYPES, _FRONTEND_SMALL_TYPES
     elif direction == "backend":
-        for code in _BACKEND_TYPES:
-            limits[code] = max_message_length
-        for code in _BACKEND_SMALL_TYPES:
-            limits[code] = min(SMALL_MESSAGE_LIMIT, max_message_length)
+        types, small_types = BACKEND_TYPES, _BACKEND_SMALL_TYPES
     else:
         raise ValueError(f"direction is 'frontend' or 'backend', not {direction!r}")
+    for type_byte in types:
+        limits[type_byte[0]] = max_message_length
+    for code in small_types:
+        limits[code] = min(SMALL_MESSAGE_LIMIT, max_message_length)
+    if direction == "frontend":
+        limits[ord("p")] = min(MAX_PASSWORD_MESSAGE_LENGTH, max_message_length)
     return tuple(limits)
 
 

@@ -575,7 +575,13 @@ class ErrorField(enum.StrEnum):
 
 @attrs.frozen
 class _FieldsMessage:
-    """Ordered ``(code, value)`` pairs; ``code`` is one character (one byte on the wire)."""
+    """Ordered ``(code, value)`` pairs; ``code`` is one character (one byte on the wire).
+
+    Servers localize these texts and may send them before ``client_encoding`` applies, so the
+    decoder replaces bytes that are not UTF-8 (U+FFFD) instead of refusing the message: losing
+    the server's error over its encoding would help nobody. Forward the raw frame when the exact
+    bytes matter.
+    """
 
     fields: tuple[tuple[str, str], ...]
 
