@@ -137,8 +137,9 @@ class FrameSplitter:
     Usage, h11 style::
 
         splitter.receive_data(chunk)          # b"" when the peer closed
-        while (frame := splitter.next_frame()) is not NEED_DATA and frame is not END_OF_STREAM:
-            frame_type, body = frame
+        while isinstance(frame := splitter.next_frame(), tuple):
+            frame_type, body = frame          # forward encode_frame(*frame), or decode it
+        if frame is END_OF_STREAM: ...
 
     Received bytes live in one bytearray with a read offset; consumed bytes are dropped when
     they make up half of it, so many small frames cost linear time.
