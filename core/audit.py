@@ -462,15 +462,21 @@ class AuditTrail:
         if error is None and "records" not in result:
             error = AuditUnavailable("the write was interrupted")
         if error is None:
-            self._stats["records"] += len(batch)
+            written = result["records"]
             self._stats["batches"] += 1 if batch else 0
             if synced and writer is not None:
                 self._committed_seq = writer.next_seq - 1
                 self._last_sync = self._clock()
                 self._wake_forwarders()
-            for pending in batch:
+            for pending, record in zip(batch, written):
+                if record is None:  # this event alone could not be encoded: its caller is told
+                    self._stats["dropped"] += 1
+                    log.error("audit event %s could not be encoded and was not recorded", pending.type)
+                    pending.error = AuditUnavailable(f"the {pending.type} event could not be encoded")
+                else:
+                    self._stats["records"] += 1
+                    self._stats["durable"] += pending.done is not None
                 if pending.done is not None:
-                    self._stats["durable"] += 1
                     pending.done.set()
             return
         self._stats["failures"] += 1

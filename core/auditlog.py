@@ -967,17 +967,29 @@ class LogWriter:
 
     # -- writing --------------------------------------------------------------------------------------
 
-    def append(self, entries: Sequence[tuple[str, dict[str, Any]]]) -> list[AuditRecord]:
-        """Write ``(type, event dict)`` entries as records (one write call; not yet durable)."""
+    def append(self, entries: Sequence[tuple[str, dict[str, Any]]]) -> list[AuditRecord | None]:
+        """Write ``(type, event dict)`` entries as records (one write call; not yet durable).
+
+        Returns one item per entry: its record, or None when the entry cannot be encoded (a value
+        msgpack cannot hold) — that entry alone is refused and takes no seq. I/O errors raise.
+        """
         if self._descriptor is None or self.broken:
             raise AuditLogError("the audit log is closed")
+        results: list[AuditRecord | None] = []
         records = []
+        frames = []
         seq, previous = self.next_seq, self.last_hash
         for record_type, event in entries:
-            record = make_record(RecordBody(self.chain, seq, previous, self.clock(), record_type, event))
+            try:
+                record = make_record(RecordBody(self.chain, seq, previous, self.clock(), record_type, event))
+                frames.append(encode_record(record))
+            except (TypeError, ValueError, OverflowError):
+                results.append(None)
+                continue
+            results.append(record)
             records.append(record)
             seq, previous = seq + 1, record.hash
-        data = b"".join(encode_record(record) for record in records)
+        data = b"".join(frames)
         try:
             _write_all(self._descriptor, data)
         except OSError:
@@ -994,7 +1006,7 @@ class LogWriter:
                 self._segment_first_at = records[0].at
             self._segment_last_at = records[-1].at
             self._unsynced = True
-        return records
+        return results
 
     def sync(self) -> None:
         """Make everything appended so far durable (one fdatasync covers every record since the last)."""

@@ -486,3 +486,30 @@ def test_sigkill_mid_load_loses_no_acknowledged_record(tmp_path: Path) -> None:
     stored_after = [(r.session_id, r.event.get("request_no")) for r in auditlog.iter_records(directory)]
     assert acknowledged <= set(stored_after) and stored_after[-1] == ("after-restart", 0)
     assert len(stored_after) == len(set(stored_after))  # the restart reused no seq and lost nothing
+
+
+@trio.testing.trio_test
+async def test_an_event_that_cannot_be_encoded_fails_only_its_own_caller(tmp_path: Path) -> None:
+    poisoned = events.ResponseCompleted(session_id="bad", request_no=1, status="ok", masked={"name": 2**70})  # beyond msgpack
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            outcomes: dict[str, str] = {}
+
+            async def call(name: str, event: events.AuditEvent) -> None:
+                try:
+                    await trail.record(event, durable=True)
+                    outcomes[name] = "recorded"
+                except AuditUnavailable:
+                    outcomes[name] = "refused"
+
+            async with trio.open_nursery() as callers:  # all three land in one batch
+                callers.start_soon(call, "before", judged(1))
+                callers.start_soon(call, "poisoned", poisoned)
+                callers.start_soon(call, "after", judged(2))
+            assert trail.healthy
+            await trail.aclose()
+    assert outcomes == {"before": "recorded", "poisoned": "refused", "after": "recorded"}
+    assert sorted(requests_in(trail.directory)) == [1, 2]
+    assert verify(trail).ok
