@@ -489,12 +489,24 @@ def test_sigkill_mid_load_loses_no_acknowledged_record(tmp_path: Path) -> None:
 
 
 @trio.testing.trio_test
-async def test_an_event_that_cannot_be_encoded_fails_only_its_own_caller(tmp_path: Path) -> None:
+async def test_an_event_that_cannot_be_encoded_fails_only_its_own_caller(tmp_path: Path, monkeypatch) -> None:
     poisoned = events.ResponseCompleted(session_id="bad", request_no=1, status="ok", masked={"name": 2**70})  # beyond msgpack
+    gate = threading.Event()
+    batches: list[int] = []
+    append = auditlog.LogWriter.append
+
+    def gated_append(self, entries):
+        gate.wait(TEST_DEADLINE)
+        batches.append(len(entries))
+        return append(self, entries)
+
+    monkeypatch.setattr(auditlog.LogWriter, "append", gated_append)
     with trio.fail_after(TEST_DEADLINE):
         trail = AuditTrail(AuditSection(), tmp_path)
         async with trio.open_nursery() as nursery:
             await nursery.start(trail.run)
+            await trail.record(judged(0))  # the writer takes it and waits at the gate
+            await trio.testing.wait_all_tasks_blocked()
             outcomes: dict[str, str] = {}
 
             async def call(name: str, event: events.AuditEvent) -> None:
@@ -504,12 +516,15 @@ async def test_an_event_that_cannot_be_encoded_fails_only_its_own_caller(tmp_pat
                 except AuditUnavailable:
                     outcomes[name] = "refused"
 
-            async with trio.open_nursery() as callers:  # all three land in one batch
+            async with trio.open_nursery() as callers:
                 callers.start_soon(call, "before", judged(1))
                 callers.start_soon(call, "poisoned", poisoned)
                 callers.start_soon(call, "after", judged(2))
+                await trio.testing.wait_all_tasks_blocked()
+                gate.set()
+            assert batches == [1, 3]  # the poisoned event shared a batch with the others
             assert trail.healthy
             await trail.aclose()
     assert outcomes == {"before": "recorded", "poisoned": "refused", "after": "recorded"}
-    assert sorted(requests_in(trail.directory)) == [1, 2]
+    assert sorted(requests_in(trail.directory)) == [0, 1, 2]
     assert verify(trail).ok
