@@ -478,3 +478,67 @@ def test_the_splitter_accepts_exactly_the_types_the_direction_has(direction: str
         except pg.ProtocolError:
             pass
     assert accepted == known
+
+
+# --- raw runs ----------------------------------------------------------------------------------------------
+
+result_streams = st.lists(
+    st.one_of(st.builds(pg.DataRow, st.lists(st.none() | st.binary(max_size=8), max_size=3).map(tuple)), backend_typed),
+    max_size=30,
+)
+
+
+@given(result_streams, st.data())
+def test_raw_runs_and_frames_together_forward_the_stream_byte_identical(messages: list[object], data: st.DataObject) -> None:
+    wire = b"".join(pg.encode(message) for message in messages)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(len(wire) - 1, 1)), max_size=10)))) + [len(wire)]
+    decoder = pg.BackendDecoder()
+    forwarded = []
+    rows = 0
+    start = 0
+    for cut in cuts:
+        if wire[start:cut]:
+            decoder.receive_data(wire[start:cut])
+            start = cut
+        while True:
+            raw, count = decoder.next_raw_run(b"D")
+            if count:
+                forwarded.append(raw)
+                rows += count
+                continue
+            frame = decoder.next_frame()
+            if frame is pg.NEED_DATA:
+                break
+            forwarded.append(pg.encode_frame(*frame))
+            rows += frame[0] == b"D"
+    assert b"".join(forwarded) == wire
+    assert rows == sum(isinstance(message, pg.DataRow) for message in messages)
+
+
+def test_a_raw_run_stops_before_a_bad_header_which_next_frame_refuses() -> None:
+    decoder = pg.BackendDecoder(max_message_length=100)
+    rows = pg.encode(pg.DataRow((b"a",))) * 3
+    decoder.receive_data(rows + b"D" + struct.pack(">i", 101))
+    assert decoder.next_raw_run(b"D") == (rows, 3)
+    assert decoder.next_raw_run(b"D") == (b"", 0)
+    with pytest.raises(pg.ProtocolError):
+        decoder.next_frame()
+
+
+def test_raw_runs_respect_the_decoders_phases() -> None:
+    frontend = pg.FrontendDecoder()
+    frontend.receive_data(pg.encode(pg.StartupMessage()))
+    assert frontend.next_raw_run(b"d") == (b"", 0)  # a startup packet is never part of a run
+    assert frontend.next_event() == pg.StartupMessage()
+    frontend.receive_data(pg.encode(pg.CopyData(b"1\n")) * 2 + pg.encode(pg.CopyDone()))
+    assert frontend.next_raw_run(b"d") == (pg.encode(pg.CopyData(b"1\n")) * 2, 2)
+    assert frontend.next_event() == pg.CopyDone()
+    with pytest.raises(ValueError):
+        frontend.next_raw_run(b"dX")
+
+    backend = pg.BackendDecoder()
+    backend.expect_encryption_response()
+    backend.receive_data(b"N" + pg.encode(pg.NoticeResponse.build("00000", "hi", severity="NOTICE")))
+    assert backend.next_raw_run(b"N") == (b"", 0)  # the N here is the refusal, not a notice
+    assert backend.next_event() == pg.EncryptionResponse("N")
+    assert backend.next_raw_run(b"N")[1] == 1
