@@ -168,6 +168,11 @@ class AuditTrail:
         trail resolves ``settings.signing_key`` itself (env/file references) or uses the key
         generated in the audit directory.
     :param slot: the local name of this process's chain; a busy slot moves on to ``slot.1``…
+        Worker processes may pass ``f"worker{index}"`` for a stable slot per worker.
+    :param resolve_secret: resolves ``settings.signing_key`` (e.g. the gateway's resolver, which
+        also asks plugins); default: core's env/file resolver.
+    :param clock: the time records are stamped with (tests run it behind).
+    :param sink_retry_max: the longest wait between attempts on a failing sink.
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class AuditTrail:
         signing_key: bytes | None = None,
         *,
         slot: str = DEFAULT_SLOT,
+        resolve_secret: Callable[[Any], Any] | None = None,
         clock: Callable[[], float] = time.time,
         sink_retry_max: float = SINK_RETRY_MAX,
     ) -> None:
@@ -187,6 +193,7 @@ class AuditTrail:
         self.local_log = next((s.local_log for s in sinks if isinstance(getattr(s, "local_log", None), LocalLogSettings)), LocalLogSettings())
         self._on_record = on_record
         self._signing_key_material = signing_key
+        self._resolve_secret = resolve_secret
         self._preferred_slot = slot
         self._clock = clock
         names = [s.name for s in sinks if getattr(s, "local_log", None) is None]
@@ -358,7 +365,7 @@ class AuditTrail:
         """Blocking (runs in a worker thread): key, slot lock, recovery, new segment."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._key is None:
-            self._key, self.key_generated = load_key(self.settings, self.directory, self._signing_key_material)
+            self._key, self.key_generated = load_key(self.settings, self.directory, self._signing_key_material, self._resolve_secret)
             self.public_key = auditlog.public_key_bytes(self._key)
             if self.key_generated:
                 log.warning(
