@@ -528,3 +528,25 @@ async def test_an_event_that_cannot_be_encoded_fails_only_its_own_caller(tmp_pat
     assert outcomes == {"before": "recorded", "poisoned": "refused", "after": "recorded"}
     assert sorted(requests_in(trail.directory)) == [0, 1, 2]
     assert verify(trail).ok
+
+
+@trio.testing.trio_test
+async def test_a_plugin_kind_signing_key_is_resolved_with_the_given_resolver(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from bastion.core.secrets import Secret, SecretRef
+
+    key = Ed25519PrivateKey.generate()
+    asked = []
+
+    def resolver(reference: SecretRef) -> Secret:
+        asked.append(reference)
+        return Secret(key.private_bytes_raw().hex())
+
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(signing_key=SecretRef("vault", "audit#key")), tmp_path, resolve_secret=resolver)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            await trail.aclose()
+    assert asked == [SecretRef("vault", "audit#key")]
+    assert trail.public_key == auditlog.public_key_bytes(key)
