@@ -117,7 +117,6 @@ FORMAT_TEXT = 0
 FORMAT_BINARY = 1
 
 _I8 = struct.Struct(">b")
-_U8 = struct.Struct(">B")
 _I16 = struct.Struct(">h")
 _U16 = struct.Struct(">H")
 _I32 = struct.Struct(">i")
