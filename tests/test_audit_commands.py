@@ -11,18 +11,13 @@ import msgpack
 import pytest
 import trio
 
-from bastion.core import auditlog, cli, events, plugins
+from bastion.core import auditlog, cli, events
 from bastion.core.audit import AuditTrail
 from bastion.core.config import AuditSection
 from bastion.plugins import audit_commands
 from bastion.policies.model import Identity
 
 TEST_DEADLINE = 30
-
-
-@pytest.fixture(autouse=True)
-def audit_plugins(monkeypatch):
-    """Register the audit plugins the way the integrator does (by module name)."""
 
 
 def write_config(directory: Path, extra: str = "") -> Path:
