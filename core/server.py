@@ -142,8 +142,14 @@ class Gateway:
                 config.audit,
                 config.gateway.state_dir,
                 sinks=build_sinks(config, hooks, self.runtime.resolve_secret),
+                resolve_secret=self.runtime.resolve_secret,
                 slot=f"worker-{worker_index}" if worker_index is not None else "main",
             )
+        # --- approvals: holds statements a policy sends for review (bastion.core.approvals) ---
+        from bastion.core.approvals import ApprovalService
+
+        self.runtime.approvals = ApprovalService.for_gateway(config, self.runtime)
+        # --- end approvals ---
         self.targets: dict[str, TargetRuntime] = {}
         self.addresses: dict[str, Address] = {}
         self.admin_address: Address | None = None
@@ -154,6 +160,14 @@ class Gateway:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED, handle_signals: bool = False, reuse_port: bool = False) -> None:
+        if not handle_signals:
+            await self._run(task_status, None, reuse_port)
+            return
+        # installed before anything else, so a SIGTERM during start-up is a clean stop too
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await self._run(task_status, signals, reuse_port)
+
+    async def _run(self, task_status, signals, reuse_port: bool) -> None:
         config = self.config
         protocols = self.hooks.protocols()
         hash_key = await trio.to_thread.run_sync(self._hash_key)
@@ -165,9 +179,16 @@ class Gateway:
         admin_listener = self._bind_admin(reuse_port)
         runtime = self.runtime
         try:
+            # --- approvals: open the store before serving (an unusable SQLite file stops the start) ---
+            if runtime.approvals is not None:
+                runtime.approvals.admin_url = f"http://{self.admin_address}" if self.admin_address is not None else None
+                await runtime.approvals.open()
+            # --- end approvals ---
             async with trio.open_nursery() as root:
                 await root.start(runtime.trail.run)
                 await self._start_identity_providers()
+                if runtime.approvals is not None:  # approvals: watch, sweep, webhooks
+                    await root.start(runtime.approvals.run)
                 async with trio.open_nursery() as sessions:
                     with trio.CancelScope() as accepting:
                         self._accept_scope = accepting
@@ -177,8 +198,8 @@ class Gateway:
                                 accept.start_soon(self._accept_loop, listener, target_runtime, sessions)
                             if admin_listener is not None:
                                 accept.start_soon(self._serve_admin, admin_listener)
-                            if handle_signals:
-                                accept.start_soon(self._watch_signals)
+                            if signals is not None:
+                                root.start_soon(self._watch_signals, signals)
                             await runtime.record(
                                 events.GatewayStarted(
                                     version=VERSION,
@@ -227,12 +248,11 @@ class Gateway:
         if self._accept_scope is not None:
             self._accept_scope.cancel()
 
-    async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-            async for signum in received:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                self.shutdown(f"signal {signal.Signals(signum).name}")
-                return
+    async def _watch_signals(self, signals) -> None:
+        async for signum in signals:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            self.shutdown(f"signal {signal.Signals(signum).name}")
+            return
 
     # --- listeners ---------------------------------------------------------------------------------
 
