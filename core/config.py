@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -188,12 +189,75 @@ class AuditSection:
     sinks: tuple[PluginSection, ...] = ()
 
 
+# --- approvals (holding risky statements for a human; see bastion.core.approvals) ----------------
+
+APPROVAL_STORES = ("sqlite", "postgres")
+# the steps an approval request goes through; webhooks may subscribe to any of them
+APPROVAL_STEPS = ("requested", "approval", "approved", "denied", "expired", "cancelled", "window")
+DEFAULT_WEBHOOK_EVENTS = ("requested", "approved", "denied", "expired", "cancelled")
+# what ``approvals.notice`` may name: the request id, its expiry, who may approve, the rules that
+# asked, and the two ways to approve (the CLI command and the HTTP endpoint)
+NOTICE_FIELDS = ("id", "expires", "timeout", "approvers", "rules", "cli", "http")
+
+
+@attrs.frozen
+class ApprovalsPostgres:
+    """The shared approval store of several gateway instances (``store = "postgres"``)."""
+
+    dbname: str
+    user: str
+    host: str = "127.0.0.1"
+    port: int = 5432
+    password: SecretRef | None = None
+    sslmode: str = "prefer"
+    connect_timeout: Duration = Duration(10)
+    # a prefix for the store's tables, so several deployments can share one database
+    table_prefix: str = "bastion_approval"
+
+
+@attrs.frozen
+class ApprovalWebhook:
+    """A JSON POST for every approval step in ``events``, signed with HMAC-SHA256 of ``secret``."""
+
+    url: str
+    secret: SecretRef
+    events: tuple[str, ...] = DEFAULT_WEBHOOK_EVENTS
+    timeout: Duration = Duration(10)
+    max_attempts: int = 8
+    retry_initial: Duration = Duration(1)
+    retry_max: Duration = Duration(300)
+
+
+@attrs.frozen
+class ApprovalsSection:
+    """Just-in-time approval: where held requests are kept and how people hear about them.
+
+    ``path`` is the SQLite file (default ``<state_dir>/approvals.sqlite``); ``default_timeout``
+    applies to review decisions that carry no rule of their own; ``admin_groups`` may review any
+    request (never their own); ``public_url`` is how reviewers reach the admin listener (default:
+    ``http://<gateway.admin_listen>``); ``notice`` is the text the held caller gets.
+    """
+
+    enabled: bool = True
+    store: str = "sqlite"
+    path: Path | None = None
+    postgres: ApprovalsPostgres | None = None
+    default_timeout: Duration = Duration(900)
+    admin_groups: tuple[str, ...] = ()
+    public_url: str | None = None
+    notice: str | None = None
+    reminder_interval: Duration = Duration(60)
+    poll_interval: Duration = Duration(0.5)
+    webhooks: tuple[ApprovalWebhook, ...] = ()
+
+
 @attrs.frozen
 class Config:
     gateway: GatewaySection
     identity: tuple[PluginSection, ...]
     targets: tuple[TargetConfig, ...]
     audit: AuditSection
+    approvals: ApprovalsSection = attrs.field(factory=ApprovalsSection)
     source: Path | None = None
 
     def target(self, name: str) -> TargetConfig:
@@ -340,8 +404,8 @@ def load_config(path: Path | str, registry: Registry, raw: Mapping[str, Any] | N
         return None
 
     raw = dict(raw)
-    for key in sorted(set(raw) - {"gateway", "identity", "targets", "audit"}):
-        errors.append(f'{key}: unknown section "{key}" (known: gateway, identity, targets, audit)')
+    for key in sorted(set(raw) - {"gateway", "identity", "targets", "audit", "approvals"}):
+        errors.append(f'{key}: unknown section "{key}" (known: gateway, identity, targets, audit, approvals)')
 
     gateway = structure(_table(raw.get("gateway", {}), "gateway", errors), GatewaySection, "gateway")
 
@@ -375,6 +439,10 @@ def load_config(path: Path | str, registry: Registry, raw: Mapping[str, Any] | N
         if isinstance(record_rows, int) and record_rows < 0:
             errors.append("audit.record_rows: cannot be negative")
 
+    approvals = structure(_table(raw.get("approvals", {}), "approvals", errors), ApprovalsSection, "approvals")
+    if isinstance(approvals, ApprovalsSection):
+        _check_approvals(approvals, errors)
+
     if not targets and not errors:
         errors.append("targets: at least one [[targets]] section is needed")
     _check_listen_conflicts(targets, gateway, errors)
@@ -388,8 +456,44 @@ def load_config(path: Path | str, registry: Registry, raw: Mapping[str, Any] | N
         identity=tuple(identities),
         targets=tuple(targets),
         audit=attrs.evolve(audit, sinks=tuple(s for s in sinks if s is not None)),
+        approvals=approvals,
         source=path,
     )
+
+
+def _check_approvals(section: ApprovalsSection, errors: list[str]) -> None:
+    """What the types alone cannot say about ``[approvals]``."""
+    if section.store not in APPROVAL_STORES:
+        errors.append(f'approvals.store: expected "sqlite" or "postgres", got "{section.store}"')
+    if section.store == "postgres" and section.postgres is None:
+        errors.append('approvals.postgres: required with store = "postgres" (dbname, user, password…)')
+    if section.poll_interval <= 0:
+        errors.append("approvals.poll_interval: must be more than 0")
+    if section.postgres is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", section.postgres.table_prefix):
+        errors.append(f'approvals.postgres.table_prefix: use lower-case letters, digits and _ (at most 41), got "{section.postgres.table_prefix}"')
+    if section.public_url is not None and not re.match(r"https?://[^/\s]+", section.public_url):
+        errors.append(f'approvals.public_url: expected an http:// or https:// address, got "{section.public_url}"')
+    if section.notice is not None:
+        try:
+            names = [field for _, field, _, _ in string.Formatter().parse(section.notice) if field is not None]
+        except ValueError as exc:
+            errors.append(f"approvals.notice: not a valid template ({exc})")
+        else:
+            for name in names:
+                if name not in NOTICE_FIELDS:
+                    known = ", ".join("{" + f + "}" for f in NOTICE_FIELDS)
+                    errors.append(f"approvals.notice: unknown placeholder {{{name}}} (known: {known})")
+    for index, hook in enumerate(section.webhooks):
+        where = f"approvals.webhooks[{index}]"
+        if not re.match(r"https?://[^/\s]+", hook.url):
+            errors.append(f'{where}.url: expected an http:// or https:// address, got "{hook.url}"')
+        for event in hook.events:
+            if event not in APPROVAL_STEPS:
+                errors.append(f'{where}.events: unknown event "{event}" (known: {", ".join(APPROVAL_STEPS)})')
+        if not hook.events:
+            errors.append(f"{where}.events: an empty list sends nothing; leave the key out for the default")
+        if hook.max_attempts < 1:
+            errors.append(f"{where}.max_attempts: must be at least 1")
 
 
 def _table(value: Any, where: str, errors: list[str]) -> Mapping[str, Any]:
