@@ -830,3 +830,20 @@ def test_on_shutdown_a_waiting_caller_is_told_why_the_connection_closes(tmp_path
     reply, running = with_gateway(tmp_path, redis_server, work, shutdown_grace="0s")
     assert reply == b"-ERR Bastion closed the connection: gateway shutdown\r\n"
     assert [e.reason for e in running.of_type(events.SessionEnded)] == ["gateway shutdown"]
+
+
+@pytest.mark.redis
+def test_a_command_whose_reply_never_came_is_recorded_as_cancelled(tmp_path, redis_server):
+    name = key()
+
+    def work(running: Running):
+        with running.raw() as sock:
+            auth(sock, running.token)
+            sock.sendall(resp.encode_command([b"BLPOP", name.encode(), b"0"]))
+            while not any(c.get("cmd") == "blpop" for c in direct(redis_server).client_list()):
+                trio.from_thread.run_sync(lambda: None)  # the BLPOP has not reached the server yet
+        # the caller hangs up with the BLPOP still waiting
+
+    _, running = with_gateway(tmp_path, redis_server, work)
+    blpop = next(e.request_no for e in running.of_type(events.RequestJudged) if e.actions == ("blpop",))
+    assert [e.status for e in running.of_type(events.ResponseCompleted) if e.request_no == blpop] == ["cancelled"]
