@@ -359,7 +359,8 @@ class _Proxy:
                     await self._write_refusals_due()
         finally:
             if request_no is not None:
-                await self._record(request_no, "denied", error_code="NOPERM", bytes=len(reply))
+                code = reply[1:].split(b" ", 1)[0].decode("ascii", "replace")  # NOPERM, ERR
+                await self._record(request_no, "denied", error_code=code, bytes=len(reply))
 
     async def _enqueue(self, entry: _Forwarded | _Refused) -> None:
         await self.slots.acquire()
