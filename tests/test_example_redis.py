@@ -847,3 +847,18 @@ def test_a_command_whose_reply_never_came_is_recorded_as_cancelled(tmp_path, red
     _, running = with_gateway(tmp_path, redis_server, work)
     blpop = next(e.request_no for e in running.of_type(events.RequestJudged) if e.actions == ("blpop",))
     assert [e.status for e in running.of_type(events.ResponseCompleted) if e.request_no == blpop] == ["cancelled"]
+
+
+def test_the_plugin_is_found_through_its_entry_point_and_can_be_switched_off(tmp_path):
+    from bastion.core.config import ConfigError
+    from bastion.core.plugins import build_plugin_manager, describe_plugins
+
+    rows = {name: (origin, hooks) for name, origin, hooks in describe_plugins(build_plugin_manager())}
+    origin, hooks = rows["redis"]
+    assert origin.startswith("bastion-redis ")
+    assert {"bastion_register_protocols", "bastion_parse", "bastion_authorize"} <= set(hooks)
+
+    path = write_config(tmp_path, 6379)
+    path.write_text(path.read_text().replace("[gateway]", '[gateway]\ndisable_plugins = ["redis"]', 1))
+    with pytest.raises(ConfigError, match="unknown protocol 'redis'"):
+        load(path, extra_plugins=[identity_static])
