@@ -192,3 +192,26 @@ def pending_request(*, holder: str, created_at: float, timeout: float = 900.0, a
         expires_at=created_at + timeout,
         rules=("hipaa:review:bulk-delete",),
     )
+
+
+# The `bastion` command with plugins a test needs registered like built-ins, when they are not
+# built in yet (the integrator adds approvals-commands and postgres to core/plugins.py).
+LAUNCHER = """
+import sys
+from bastion.core import plugins
+wanted = dict(arg.split("=", 1) for arg in sys.argv[1].split(",") if arg)
+for name, module in wanted.items():
+    if module not in plugins.BUILTIN_PLUGINS.values():
+        plugins.BUILTIN_PLUGINS[name] = module
+from bastion.core.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+COMMAND_PLUGINS = {"approvals-commands": "bastion.plugins.approvals_commands", "static-token": "bastion.plugins.identity_static"}
+
+
+def bastion_command(*args: str, plugins: dict[str, str] | None = None) -> list[str]:
+    """argv for ``bastion *args`` in a subprocess, with ``plugins`` (name -> module) registered."""
+    import sys
+
+    wanted = {**COMMAND_PLUGINS, **(plugins or {})}
+    return [sys.executable, "-c", LAUNCHER, ",".join(f"{name}={module}" for name, module in wanted.items()), *args]

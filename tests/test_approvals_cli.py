@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import trio
 from bastion.plugins import identity_static
 from bastion.plugins.identity_static import add_key
 from bastion.policies.model import Identity, Verdict
-from tests.approvals_helpers import FakeSession, requirement, review_decision, statement
+from tests.approvals_helpers import FakeSession, bastion_command, requirement, review_decision, statement
 from tests.gateway_helpers import running_gateway, write_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,17 +25,6 @@ DEADLINE = 60
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTER = Identity(provider="keys", subject="ci-bot", groups={"etl", "privacy"})
 
-# The command as `bastion` runs it, with the plugins it needs registered like built-ins when
-# they are not built in yet (the integrator adds them to core/plugins.py).
-LAUNCHER = """
-import sys
-from bastion.core import plugins
-for name, module in {"approvals-commands": "bastion.plugins.approvals_commands", "static-token": "bastion.plugins.identity_static"}.items():
-    if module not in plugins.BUILTIN_PLUGINS.values():
-        plugins.BUILTIN_PLUGINS[name] = module
-from bastion.core.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def config(directory: Path) -> Path:
@@ -75,7 +63,7 @@ async def bastion(config_path: Path, *args: str, token: str | None = None, env_t
     env = {k: v for k, v in os.environ.items() if k not in ("BASTION_TOKEN", "BASTION_CONFIG")}
     if env_token is not None:
         env["BASTION_TOKEN"] = env_token
-    command = [sys.executable, "-c", LAUNCHER, "approvals", *args, "-c", str(config_path)]
+    command = bastion_command("approvals", *args, "-c", str(config_path))
     if token is not None:
         command += ["--token", token]
     return await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False, env=env, cwd=str(ROOT))

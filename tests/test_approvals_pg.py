@@ -1,0 +1,334 @@
+"""Just-in-time approval end to end: a real psycopg session held by a real PostgreSQL gateway.
+
+A policy bundle sends DELETEs to review; the caller's statement waits in the gateway while a
+reviewer approves it from the command line (another process, through the SQLite store) or the
+admin HTTP API, or denies it (SQLSTATE 42501 with the reviewer's reason). Results paused at their
+row threshold are checked with a gateway in its own process, so its memory can be measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import trio
+from psycopg import errors as pg_errors
+
+from bastion.core import events
+from tests.approvals_helpers import bastion_command
+from tests.pg_helpers import TOKEN, fresh_table, pg_gateway  # noqa: F401  (pg_gateway is a fixture)
+from tests.servers import free_port, wait_for_port
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
+ROOT = Path(__file__).resolve().parent.parent
+ALICE_TOKEN = "alice-token-" + uuid.uuid4().hex
+MALLORY_TOKEN = "mallory-token-" + uuid.uuid4().hex
+TOKENS = {TOKEN: "ci-bot", ALICE_TOKEN: "alice", MALLORY_TOKEN: "mallory"}
+GROUPS = {"ci-bot": ["etl"], "alice": ["privacy"], "mallory": ["etl"]}
+PLUGINS = {"postgres": "bastion.plugins.postgres", "test-tokens": "tests.approvals_test_tokens"}
+WAIT = 30.0  # the longest any step below may take before the test fails
+
+BUNDLE = """
+[[grant]]
+name = "ci"
+identities = { subjects = ["ci-bot"] }
+targets = ["pg"]
+statements = ["*"]
+
+[[review]]
+name = "deletes"
+when = { statements = ["delete"] }
+approvers = { groups = ["privacy"] }
+timeout = "2m"
+max_window = "1h"
+
+[[review]]
+name = "bulk-read"
+when = { rows_over = 1000, tables = ["*.bulk_*"] }
+approvers = { groups = ["privacy"] }
+timeout = "2m"
+"""
+
+
+def start(pg_gateway):
+    return pg_gateway(bundle=BUNDLE, tokens=TOKENS, groups=GROUPS)
+
+
+def pending(gw) -> list:
+    """Pending approval requests, read in the gateway's own trio thread."""
+    store = gw.gateway.runtime.approvals.store
+    return trio.from_thread.run(store.list, ["pending"], trio_token=gw.trio_token)
+
+
+def wait_for_pending(gw) -> str:
+    (record,) = gw.wait_for(lambda: pending(gw), timeout=WAIT)
+    return record.id
+
+
+class Caller(threading.Thread):
+    """A psycopg session running one statement in the background (it will be held)."""
+
+    def __init__(self, dsn: str, sql: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.sql = dsn, sql
+        self.rowcount: int | None = None
+        self.error: BaseException | None = None
+        self.notices: list[str] = []
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.add_notice_handler(lambda diagnostic: self.notices.append(diagnostic.message_primary or ""))
+                self.rowcount = conn.execute(self.sql).rowcount
+                assert conn.execute("select 1").fetchone() == (1,)  # the session goes on afterwards
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            self.error = exc
+
+    def outcome(self):
+        self.join(WAIT)
+        assert not self.is_alive(), "the held statement never finished"
+        return self.rowcount, self.error
+
+
+def patients_table(gw) -> str:
+    table = fresh_table(gw.server, "create table {t} (id int primary key, name text)")
+    gw.server.execute(f"insert into {table} values (1, 'a'), (2, 'b'), (3, 'c')")
+    return table
+
+
+def remaining(gw, table: str) -> list[int]:
+    return [row[0] for row in gw.server.execute(f"select id from {table} order by id")]
+
+
+def approval_steps(gw, approval_id: str) -> list[str]:
+    return [e.step for e in gw.events_of(events.ApprovalEvent) if e.approval_id == approval_id]
+
+
+def cli(gw, *args: str, token: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BASTION_TOKEN": token}
+    env.pop("BASTION_CONFIG", None)
+    command = bastion_command("approvals", *args, "-c", str(gw.directory / "bastion.toml"), plugins=PLUGINS)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=WAIT)
+
+
+def test_a_held_delete_runs_once_approved_from_the_command_line(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        caller = Caller(gw.dsn(), f"delete from {table} where id = 2")
+        caller.start()
+        approval_id = wait_for_pending(gw)
+        assert remaining(gw, table) == [1, 2, 3]  # held: nothing reached the server
+
+        listing = cli(gw, "list", "--json", token=ALICE_TOKEN)
+        assert listing.returncode == 0, listing.stderr
+        (entry,) = json.loads(listing.stdout)["approvals"]
+        assert entry["id"] == approval_id and entry["requester"]["subject"] == "ci-bot"
+        assert entry["statement"] == f"delete from {table} where id = ?"  # the literal is masked
+        assert "policy:review:deletes" in entry["rules"] and entry["approver_groups"] == ["privacy"]
+
+        approved = cli(gw, "approve", approval_id, "--comment", "one row, ticket OPS-7", token=ALICE_TOKEN)
+        assert approved.returncode == 0, approved.stderr
+        rowcount, error = caller.outcome()
+        assert error is None and rowcount == 1
+        assert remaining(gw, table) == [1, 3]
+        judged = next(e for e in gw.events_of(events.RequestJudged) if e.statements == (f"delete from {table} where id = ?",))
+        assert judged.verdict == "allow" and any(f"approved by alice (approval {approval_id})" in r for r in judged.reasons)
+        assert approval_steps(gw, approval_id) == ["requested", "approval", "approved"]
+
+
+def test_a_held_delete_runs_once_approved_through_the_http_api(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        caller = Caller(gw.dsn(), f"delete from {table} where id = 3")
+        caller.start()
+        approval_id = wait_for_pending(gw)
+        base = f"http://{gw.gateway.admin_address}"
+        with httpx.Client(base_url=base, timeout=WAIT) as client:
+            refused = client.post(f"/approvals/{approval_id}/approve", headers={"authorization": f"Bearer {MALLORY_TOKEN}"})
+            assert refused.status_code == 403
+            own = client.post(f"/approvals/{approval_id}/approve", headers={"authorization": f"Bearer {TOKEN}"})
+            assert own.status_code == 403
+            approved = client.post(f"/approvals/{approval_id}/approve", headers={"authorization": f"Bearer {ALICE_TOKEN}"}, json={"comment": "fine"})
+            assert approved.status_code == 200 and approved.json()["state"] == "approved"
+        rowcount, error = caller.outcome()
+        assert error is None and rowcount == 1 and remaining(gw, table) == [1, 2]
+
+
+def test_a_denied_delete_fails_with_42501_and_the_reviewers_reason(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        caller = Caller(gw.dsn(), f"delete from {table}")
+        caller.start()
+        approval_id = wait_for_pending(gw)
+        denied = cli(gw, "deny", approval_id, "--reason", "deleting every patient is never fine", token=ALICE_TOKEN)
+        assert denied.returncode == 0, denied.stderr
+        _, error = caller.outcome()
+        assert isinstance(error, pg_errors.InsufficientPrivilege)
+        assert error.sqlstate == "42501" and "deleting every patient is never fine" in str(error)
+        assert remaining(gw, table) == [1, 2, 3]
+        assert approval_steps(gw, approval_id) == ["requested", "denied"]
+        # the same session goes on: a statement that needs no review still runs
+        with psycopg.connect(gw.dsn(), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_a_window_lets_the_job_repeat_the_statement_without_asking_again(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        caller = Caller(gw.dsn(), f"delete from {table} where id = 1")
+        caller.start()
+        approval_id = wait_for_pending(gw)
+        assert cli(gw, "approve", approval_id, "--window", "30m", token=ALICE_TOKEN).returncode == 0
+        assert caller.outcome() == (1, None)
+        with psycopg.connect(gw.dsn(), autocommit=True) as conn:
+            assert conn.execute(f"delete from {table} where id = 3").rowcount == 1  # same shape: covered
+        assert remaining(gw, table) == [2]
+        assert approval_steps(gw, approval_id)[-1] == "window"
+
+
+@pytest.mark.xfail(reason="the PostgreSQL relay does not set session.notify yet, so the held caller gets no NoticeResponse", strict=False)
+def test_the_held_caller_is_told_the_request_id_and_how_to_approve(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        caller = Caller(gw.dsn(), f"delete from {table} where id = 1")
+        caller.start()
+        approval_id = wait_for_pending(gw)
+        try:
+            gw.wait_for(lambda: caller.notices, timeout=5)
+        finally:
+            cli(gw, "deny", approval_id, "--reason", "test over", token=ALICE_TOKEN)
+            caller.outcome()
+        assert approval_id in caller.notices[0] and "bastion approvals approve" in caller.notices[0]
+
+
+@pytest.mark.xfail(reason="the PostgreSQL relay does not watch the caller while a statement is held (nor set session.notify for reminders), so a hang-up is only noticed when the request expires", strict=False)
+def test_a_caller_that_hangs_up_while_held_cancels_its_request(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        from tests.pg_helpers import RawClient
+        from bastion.protocols.postgres.messages import Query
+
+        client = RawClient.connect(gw)
+        client.send(Query(f"delete from {table} where id = 1"))
+        approval_id = wait_for_pending(gw)
+        client.close()
+        store = gw.gateway.runtime.approvals.store
+        gw.wait_for(lambda: trio.from_thread.run(store.get, approval_id, trio_token=gw.trio_token).state == "cancelled", timeout=10)
+
+
+# --- a result paused at its row threshold, with the gateway in its own process ----------------------
+
+
+ROWS_TOTAL = 3_000_000
+ROW_BYTES = 100  # each row carries this much text: ~300 MB in all, far more than the bound below
+RSS_GROWTH_BOUND = 64 * 1024 * 1024  # while paused, the gateway may grow by at most this much
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def write_serve_config(directory: Path, server, port: int, admin_port: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "upstream.pw").write_text(server.password + "\n")
+    (directory / "policy.toml").write_text(textwrap.dedent(BUNDLE))
+    tokens = ", ".join(f'"{t}" = "{s}"' for t, s in TOKENS.items())
+    groups = ", ".join(f'"{s}" = {json.dumps(g)}' for s, g in GROUPS.items())
+    path = directory / "bastion.toml"
+    path.write_text(
+        f"""
+[gateway]
+state_dir = "var"
+admin_listen = "127.0.0.1:{admin_port}"
+policies = ["policy.toml"]
+shutdown_grace = "2s"
+
+[audit]
+record_rows = 10
+
+[[identity]]
+kind = "test-tokens"
+tokens = {{ {tokens} }}
+groups = {{ {groups} }}
+
+[[targets]]
+name = "pg"
+protocol = "postgres"
+listen = "127.0.0.1:{port}"
+upstream = "{server.host}:{server.port}"
+credentials = {{ user = "{server.superuser}", password = {{ file = "upstream.pw" }} }}
+allow_plaintext_auth = true
+database = "postgres"
+
+[approvals]
+poll_interval = "50ms"
+"""
+    )
+    return path
+
+
+@pytest.mark.xfail(reason="the PostgreSQL relay does not call session.approve_rows at a review's rows_over threshold yet: the whole result streams", strict=False)
+def test_a_large_result_pauses_at_its_threshold_with_flat_gateway_memory_until_approved(postgres_server, tmp_path):
+    from bastion.protocols.postgres.messages import CommandComplete, DataRow, Query, ReadyForQuery
+    from tests.pg_helpers import RawClient
+
+    table = fresh_table(postgres_server, "create table {t} (id int)", name=f"bulk_{uuid.uuid4().hex[:8]}")
+    port, admin_port = free_port(), free_port()
+    config = write_serve_config(tmp_path, postgres_server, port, admin_port)
+    gateway = subprocess.Popen(bastion_command("serve", "-c", str(config), plugins=PLUGINS), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, gateway, timeout=WAIT)
+        client = RawClient.connect(type("Gw", (), {"host": "127.0.0.1", "port": port})())
+        baseline = rss_bytes(gateway.pid)
+        client.send(Query(f"select g, repeat('x', {ROW_BYTES}) from generate_series(1, {ROWS_TOTAL}) g, (select count(*) from {table}) c"))
+        rows = 0
+        while rows < 1000:
+            message = client.read()
+            assert message is not None, "the gateway closed the connection"
+            rows += isinstance(message, DataRow)
+
+        # the result is paused: a rows request waits for a reviewer, and the gateway's memory
+        # stays flat although the server has ~300 MB more to send
+        deadline = time.monotonic() + WAIT
+        listing = None
+        while time.monotonic() < deadline:
+            listing = subprocess.run(bastion_command("approvals", "list", "--json", "-c", str(config), plugins=PLUGINS), capture_output=True, text=True, env={**os.environ, "BASTION_TOKEN": ALICE_TOKEN}, cwd=ROOT, timeout=WAIT)
+            if json.loads(listing.stdout or '{"approvals": []}')["approvals"]:
+                break
+        (entry,) = json.loads(listing.stdout)["approvals"]
+        assert entry["kind"] == "rows" and entry["rows_sent"] >= 1000
+        for _ in range(5):  # sampled while paused: never more than the bound above the baseline
+            assert rss_bytes(gateway.pid) - baseline < RSS_GROWTH_BOUND
+
+        approve = subprocess.run(bastion_command("approvals", "approve", entry["id"], "-c", str(config), plugins=PLUGINS), capture_output=True, text=True, env={**os.environ, "BASTION_TOKEN": ALICE_TOKEN}, cwd=ROOT, timeout=WAIT)
+        assert approve.returncode == 0, approve.stderr
+        tag = None
+        while True:
+            message = client.read()
+            assert message is not None
+            rows += isinstance(message, DataRow)
+            if isinstance(message, CommandComplete):
+                tag = message.tag
+            if isinstance(message, ReadyForQuery):
+                break
+        assert rows == ROWS_TOTAL and tag == f"SELECT {ROWS_TOTAL}"
+        client.close()
+    finally:
+        gateway.terminate()
+        try:
+            gateway.wait(20)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait(10)
