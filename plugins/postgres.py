@@ -44,7 +44,7 @@ from bastion.core.hookspecs import hookimpl
 from bastion.core.specs import ProtocolSpec
 from bastion.plugins import postgres_catalog as catalog
 from bastion.plugins import postgres_login as login
-from bastion.plugins.postgres_relay import SUPPORTED_ENCODINGS, Relay
+from bastion.plugins.postgres_relay import SUPPORTED_ENCODINGS, Relay, encoding_key
 from bastion.policies.model import Credential, Message
 from bastion.protocols.postgres import codec
 from bastion.protocols.postgres.errors import ProtocolError
@@ -229,7 +229,7 @@ class PostgresHandler:
                 continue
             if lowered == "client_encoding":
                 resolved = "UTF8" if value.lower() == "auto" else value
-                if resolved.upper().replace("-", "") not in SUPPORTED_ENCODINGS:
+                if encoding_key(resolved) not in SUPPORTED_ENCODINGS:
                     await login.send_quietly(
                         client,
                         login.fatal(login.FEATURE_NOT_SUPPORTED, f"client_encoding {value} is not supported through Bastion", hint="use UTF8"),

@@ -125,8 +125,13 @@ POISON_PARSE = codec.encode(Parse("bastion_refused", POISON_TEXT))
 POISON_QUERY = codec.encode(Query(POISON_TEXT))
 
 # client encodings whose text is read correctly as UTF-8 (the codec reads strings as UTF-8):
-# SQL_ASCII passes the database's UTF-8 bytes through unconverted
-SUPPORTED_ENCODINGS = frozenset({"UTF8", "UNICODE", "SQL_ASCII"})
+# SQL_ASCII passes the database's UTF-8 bytes through unconverted. Names are compared the way
+# PostgreSQL compares them: letters and digits only, case-insensitive ('utf-8' is UTF8).
+SUPPORTED_ENCODINGS = frozenset({"UTF8", "UNICODE", "SQLASCII"})
+
+
+def encoding_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", name).upper()
 
 _HEADER = struct.Struct(">ci")
 _UNSET = object()
@@ -841,7 +846,7 @@ class Relay:
     def _parameter_status(self, body: bytes) -> None:
         status = codec.decode_backend(b"S", body)
         if status.name == "client_encoding":
-            if status.value.upper() not in SUPPORTED_ENCODINGS:
+            if encoding_key(status.value) not in SUPPORTED_ENCODINGS:
                 raise SessionError(f"client_encoding {status.value} is not supported through Bastion")
             self.encoding = status.value
             self.session.info.state["postgres.client_encoding"] = status.value
