@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterable
@@ -448,6 +449,7 @@ class SqliteStore(_SqlStore):
         self.description = f"SQLite {self.path}"
         self.instances_dir = self.path.with_name(self.path.name + ".instances")
         self._instance_lock: Any = None
+        self._instance_lock_path: Path | None = None
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -473,10 +475,17 @@ class SqliteStore(_SqlStore):
         for statement in self._schema():
             self._execute(conn, statement)
         if instance_id is not None:
+            # The lock file appears under its name only once it is locked (locked under a
+            # temporary name, then renamed), so a file seen unlocked belongs to a dead process
+            # and may be removed by whoever sees it.
             self.instances_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.instances_dir / f"{_safe_name(instance_id)}.lock", "a")
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh random id: never taken
+            final = self.instances_dir / f"{_safe_name(instance_id)}.lock"
+            fd, temporary = tempfile.mkstemp(prefix=".starting-", dir=self.instances_dir)
+            handle = os.fdopen(fd, "a")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a brand-new file: never taken
+            os.rename(temporary, final)
             self._instance_lock = handle
+            self._instance_lock_path = final
             self.instance_id = instance_id
 
     def _close_blocking(self) -> None:
@@ -484,14 +493,15 @@ class SqliteStore(_SqlStore):
         handle, self._instance_lock = self._instance_lock, None
         if handle is not None:
             with contextlib.suppress(OSError):
-                os.unlink(handle.name)
+                os.unlink(self._instance_lock_path)
             handle.close()  # releases the flock: this instance is no longer alive
 
     def _alive(self, conn: Any, holder: str) -> bool:
         if holder == self.instance_id and self._instance_lock is not None:
             return True
+        path = self.instances_dir / f"{_safe_name(holder)}.lock"
         try:
-            handle = open(self.instances_dir / f"{_safe_name(holder)}.lock")
+            handle = open(path)
         except FileNotFoundError:
             return False
         with handle:
@@ -499,6 +509,8 @@ class SqliteStore(_SqlStore):
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True  # its gateway holds the lock: alive
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # left behind by a process that died: nobody will lock it again
             fcntl.flock(handle, fcntl.LOCK_UN)
             return False
 

@@ -168,6 +168,9 @@ async def test_requests_of_a_killed_gateway_process_are_cancelled_at_the_next_st
             record = await restarted.store.get(approval_id)
             assert record.state == "cancelled" and record.outcome == HOLDER_GONE
             assert restarted.steps(approval_id) == ["requested", "cancelled"]
+            # the dead process's lock file is cleared away; the live gateway's is there
+            locks = sorted(p.name for p in (tmp_path / "approvals.sqlite.instances").iterdir())
+            assert locks == [f"{restarted.service.instance_id}.lock"]
             with pytest.raises(ReviewRefused) as info:
                 await restarted.service.desk.approve(person(ALICE), approval_id)
             assert info.value.kind == "conflict"
