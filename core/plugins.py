@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "bastion"
 # name -> module. The name is what `gateway.disable_plugins` and `bastion plugins` use.
 BUILTIN_PLUGINS: dict[str, str] = {
     "tcp": "bastion.plugins.tcp",
+    "postgres": "bastion.plugins.postgres",
     "sql": "bastion.plugins.sql",
     "policy": "bastion.plugins.policy",
     "masking": "bastion.plugins.masking",
