@@ -528,7 +528,8 @@ class ApprovalService:
         while True:
             remaining = request.expires_at - self.clock()
             if remaining <= 0:
-                current = await self.store.change(request.id, lambda r: model.expire(r, self.clock()), now=self.clock())
+                now = self.clock()  # read here: stores may run the change in a worker thread
+                current = await self.store.change(request.id, lambda r: model.expire(r, now), now=now)
                 await self._drain(current)
                 if current.state != model.PENDING:
                     return current
@@ -541,7 +542,8 @@ class ApprovalService:
                 current = await self.store.get(request.id)
                 if current is not None and current.pending:
                     await self._tell(session, self._reminder(current))
-                continue
+                    continue
+                waiter.event.set()  # decided, and the wake-up went astray: read it below
             if not waiter.event.is_set():
                 continue  # the deadline passed: the loop expires the request
             waiter.event = trio.Event()  # before reading, so a change while we read is not lost

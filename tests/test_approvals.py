@@ -154,6 +154,21 @@ async def test_reminders_tell_the_waiting_caller_what_is_missing(autojump_clock)
         nursery.cancel_scope.cancel()
 
 
+async def test_a_decision_whose_wake_up_was_lost_is_found_at_the_next_reminder(autojump_clock):
+    from bastion.core.approvals import ReviewDesk
+
+    backend = MemoryBackend()
+    async with running_service(MemoryStore(backend), settings=section(reminder_interval=60)) as harness, trio.open_nursery() as nursery:
+        _, results = await hold_in_background(nursery, harness)
+        approval_id = await harness.pending_id()
+        backend.watchers.clear()  # as if a notification never arrived
+        await ReviewDesk(MemoryStore(backend)).approve(person(ALICE), approval_id)
+        await trio.sleep(1)
+        assert results == []
+        await until(lambda: results, step=10)
+    assert results[0].verdict is Verdict.ALLOW
+
+
 # --- who may approve -------------------------------------------------------------------------------
 
 
