@@ -161,8 +161,10 @@ async def test_a_decision_whose_wake_up_was_lost_is_found_at_the_next_reminder(a
     async with running_service(MemoryStore(backend), settings=section(reminder_interval=60)) as harness, trio.open_nursery() as nursery:
         _, results = await hold_in_background(nursery, harness)
         approval_id = await harness.pending_id()
+        watchers = list(backend.watchers)
         backend.watchers.clear()  # as if a notification never arrived
         await ReviewDesk(MemoryStore(backend)).approve(person(ALICE), approval_id)
+        backend.watchers.extend(watchers)
         await trio.sleep(1)
         assert results == []
         await until(lambda: results, step=10)
