@@ -147,7 +147,7 @@ class PostgresHandler:
                     return
                 client = start.stream
                 if isinstance(start.message, CancelRequest):
-                    await login.forward_cancel(session, start.message, session.target.upstream_ssl_context is not None)
+                    await login.forward_cancel(session, start.message)
                     return
                 prepared = await self._login_client(session, client, decoder, start.message)
                 if prepared is None:
@@ -165,6 +165,7 @@ class PostgresHandler:
                 relay = Relay(session, options, client, decoder, upstream, encoding)
                 relay.catalog_reader = reader
                 session.farewell = relay.farewell
+                session.notify = relay.notify
                 await catalog.ensure_loaded(session.target.state, reader)
                 await self._hand_over(session, client, upstream)
             await relay.run()

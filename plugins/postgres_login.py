@@ -197,24 +197,13 @@ def find_cancel_target(target_state: dict, request: CancelRequest) -> CancelTarg
     return found
 
 
-async def forward_cancel(session, request: CancelRequest, upstream_tls: bool) -> None:
+async def forward_cancel(session, request: CancelRequest) -> None:
     """Forward a caller's cancel to the upstream with the real key; ignore unknown keys."""
     target = find_cancel_target(session.target.state, request)
     outcome = "forwarded" if target is not None else "unknown-key"
     session.end_reason = "cancel request"
     if target is not None:
-        stream = await session.connect_upstream()
-        try:
-            if upstream_tls:
-                stream = await _upstream_tls(session, stream, BackendDecoder())
-            await stream.send_all(codec.encode(CancelRequest(request.process_id, target.upstream_key)))
-            with trio.move_on_after(CANCEL_LINGER_SECONDS):
-                while await stream.receive_some(LOGIN_RECEIVE_BYTES):
-                    pass
-        except (trio.BrokenResourceError, OSError, ssl.SSLError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+        await cancel_upstream(session, request.process_id, target.upstream_key)
     await session.record(
         events.CancelForwarded(
             session_id=target.session_id if target is not None else session.id,
@@ -223,6 +212,22 @@ async def forward_cancel(session, request: CancelRequest, upstream_tls: bool) ->
             outcome=outcome,
         )
     )
+
+
+async def cancel_upstream(session, process_id: int, upstream_key: bytes) -> None:
+    """Cancel what a session's upstream connection is running (Bastion's own decision)."""
+    stream = await session.connect_upstream()
+    try:
+        if session.target.upstream_ssl_context is not None:
+            stream = await _upstream_tls(session, stream, BackendDecoder())
+        await stream.send_all(codec.encode(CancelRequest(process_id, upstream_key)))
+        with trio.move_on_after(CANCEL_LINGER_SECONDS):
+            while await stream.receive_some(LOGIN_RECEIVE_BYTES):
+                pass
+    except (trio.BrokenResourceError, OSError, ssl.SSLError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 # --- upstream leg ----------------------------------------------------------------------------------

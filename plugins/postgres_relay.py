@@ -74,6 +74,7 @@ from bastion.core import events
 from bastion.core.errors import ClientProtocolError, SessionError
 from bastion.core.hooks import HookError
 from bastion.plugins import postgres_catalog as catalog
+from bastion.plugins import postgres_login as login
 from bastion.protocols.postgres import codec
 from bastion.protocols.postgres.errors import ProtocolError
 from bastion.protocols.postgres.framing import END_OF_STREAM, NEED_DATA
@@ -98,6 +99,9 @@ RECEIVE_BYTES = 64 * 1024
 # ResultRows records hold at most this many rows each, so a large result is recorded in pieces
 # as it streams instead of being held until its end
 ROWS_PER_RECORD = 500
+# what a caller may send while its statement is held for review before Bastion stops reading it
+# (it is kept for when the statement is decided; reading at all is only to notice a hang-up)
+HELD_INPUT_BYTES = 1024 * 1024
 # entries (messages the server still owes an answer to) beyond which the frontend stops reading
 # the caller until answers have gone out: a caller pipelining without reading holds up only itself
 MAX_PENDING = 8192
@@ -142,6 +146,13 @@ _TERMINATORS = (SYNC, QUERY, FUNCTION)
 _EXTENDED = frozenset({PARSE, BIND, DESCRIBE_S, DESCRIBE_P, EXECUTE, CLOSE_S, CLOSE_P, REFUSED})
 _DDL_ACTIONS = frozenset({"ddl", "create", "alter", "drop", "comment", "grant", "revoke"})
 
+# Keys in session.state shared with other plugins: the SQL plugin's memory of prepared statements
+# (name -> analysis; SQL EXECUTE can run protocol-level statements too) and the client encoding
+# the masking plugin reads text cells with.
+PREPARED_KEY = "sql.prepared"
+CLIENT_ENCODING_KEY = "client_encoding"
+HASH_KEY = "gateway.hash_key"  # target_state: the key pseudonyms of parameters are made with
+
 _DEALLOCATE = re.compile(r'\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([^\s;"]+))', re.I)
 
 
@@ -169,12 +180,13 @@ class Prepared:
 class Portal:
     """A bound statement: the Bind's judgement (request number) and its result formats."""
 
-    __slots__ = ("name", "statement", "request_no", "result_formats", "description", "describing", "plans", "shape")
+    __slots__ = ("name", "statement", "request_no", "judgement", "result_formats", "description", "describing", "plans", "shape")
 
-    def __init__(self, name: str, statement: Prepared, request_no: int, result_formats: tuple[int, ...]) -> None:
+    def __init__(self, name: str, statement: Prepared, judgement, result_formats: tuple[int, ...]) -> None:
         self.name = name
         self.statement = statement
-        self.request_no = request_no
+        self.request_no = judgement.request_no
+        self.judgement = judgement if judgement.row_review is not None else None  # rows to pause at
         self.result_formats = result_formats
         self.description: tuple[FieldDescription, ...] | None = None
         self.describing = False
@@ -226,7 +238,7 @@ class Names:
 class _Entry:
     """One message the server owes an answer to."""
 
-    __slots__ = ("kind", "batch", "request_no", "requests", "obj", "name", "refusal", "swallow", "started", "index", "failed")
+    __slots__ = ("kind", "batch", "request_no", "requests", "obj", "name", "refusal", "swallow", "started", "index", "failed", "judgement")
 
     def __init__(self, kind: int, batch: int = 0) -> None:
         self.kind = kind
@@ -240,6 +252,7 @@ class _Entry:
         self.started = 0.0
         self.index = 0  # simple Query: which statement's result comes next
         self.failed = False
+        self.judgement: Any = None  # kept when its result must pause for a reviewer (rows_over)
 
 
 class _Result:
@@ -248,6 +261,7 @@ class _Result:
     __slots__ = (
         "request_no", "request", "columns", "formats", "plans", "rows", "bytes", "pending", "first_row",
         "budget", "withheld", "started", "passthrough", "copy", "copy_options", "copy_header",
+        "judgement", "row_limit", "cancelled",
     )
 
     def __init__(self, request_no: int, request: Any, started: float, budget: int | None) -> None:
@@ -267,6 +281,9 @@ class _Result:
         self.copy = False
         self.copy_options: dict | None = None
         self.copy_header = False
+        self.judgement: Any = None
+        self.row_limit: int | None = None  # rows sent before a reviewer must approve the rest
+        self.cancelled = False  # Bastion cancelled the statement upstream (a reviewer said no)
 
 
 # --- the relay ------------------------------------------------------------------------------------
@@ -281,6 +298,8 @@ class Relay:
         self.upstream = upstream.stream
         self.upstream_decoder = upstream.decoder
         self.process_id = upstream.process_id
+        self.upstream_key = upstream.secret_key
+        self.rows_approved: set[int] = set()  # requests whose results a reviewer let through
         self.hooks = session.hooks
         self.mask_texts = session.hooks.has_text_transforms()
         self.record_rows = session.record_rows_limit
@@ -314,9 +333,8 @@ class Relay:
         self.encoding = encoding
         self.nursery: trio.Nursery | None = None
         self.catalog_reader = None  # set by the handler: reads the catalog on its own connection
-        state = session.info.state
-        state["postgres.client_encoding"] = encoding
-        self.prepared_state = state.setdefault(PREPARED_STATE_KEY, {})
+        self.session_state = session.info.state
+        self.session_state[CLIENT_ENCODING_KEY] = encoding
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -516,11 +534,51 @@ class Relay:
             await catalog.wait_fresh(self.session.target.state, self.catalog_reader, self.nursery)
 
     async def _judge_and_check(self, message: Message, *, kind: str, parameters=()):
+        requests, decision = self.session.judge(message)
+        return await self._check(message, kind=kind, parameters=parameters, judged=(requests, decision))
+
+    async def _check(self, message: Message, *, kind: str, parameters, judged):
         session = self.session
-        requests, decision = session.judge(message)
-        if decision.verdict is Verdict.REVIEW:
-            await self._flush_upstream()  # a reviewer may take minutes: send what is already judged
-        return await session.check(message, parameters=parameters, kind=kind, judged=(requests, decision))
+        if judged[1].verdict is not Verdict.REVIEW:
+            return await session.check(message, parameters=parameters, kind=kind, judged=judged)
+        # A reviewer may take minutes: send what is already judged, and watch the caller meanwhile,
+        # so that a caller who hangs up withdraws its request instead of leaving it pending.
+        await self._flush_upstream()
+        outcome: list = []
+
+        async def check_then_stop(scope: trio.CancelScope) -> None:
+            outcome.append(await session.check(message, parameters=parameters, kind=kind, judged=judged))
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(check_then_stop, nursery.cancel_scope)
+            await self._watch_caller()
+            nursery.cancel_scope.cancel()
+        if not outcome:
+            session.end_reason = "client disconnected while a statement was held for review"
+            raise trio.BrokenResourceError("the caller hung up while its statement was held")
+        return outcome[0]
+
+    async def _watch_caller(self) -> None:
+        """Return when the caller hangs up; keep what it sends meanwhile for later (bounded)."""
+        decoder = self.client_decoder
+        while decoder.buffered < HELD_INPUT_BYTES:
+            data = await self.client.receive_some(RECEIVE_BYTES)
+            decoder.receive_data(data)
+            if not data:
+                return
+        await trio.sleep_forever()  # enough is buffered: the caller waits like everyone else
+
+    async def notify(self, text: str) -> None:
+        """Tell a caller whose statement is held (e.g. the approval request's id): a NOTICE."""
+        data = codec.encode(NoticeResponse.build("00000", text, severity="NOTICE"))
+        async with self.client_lock:
+            self.client_clean = False
+            await self.client.send_all(data)
+            self.client_clean = True
+
+    def _hash_key(self) -> bytes:
+        return self.session.target.state.get(HASH_KEY, b"")
 
     def _refusal(self, judgement) -> bytes:
         decision = judgement.decision
@@ -551,6 +609,8 @@ class Relay:
         if judgement.allowed:
             entry.request_no = judgement.request_no
             entry.requests = judgement.requests
+            if judgement.row_review is not None:
+                entry.judgement = judgement
             self._up(_HEADER.pack(b"Q", len(body) + 4) + body)
         else:
             entry.refusal = self._refusal(judgement)
@@ -583,16 +643,14 @@ class Relay:
             self._refuse_extended(codec.encode(ErrorResponse.build(UNDEFINED_STATEMENT, f"{name} does not exist")))
             return
         session = self.session
-        parameters = _masked_parameters(bind.params, bind.param_formats, statement.param_types)
+        parameters = _masked_parameters(bind.params, bind.param_formats, statement.param_types, self._hash_key())
         requests = list(statement.requests)
         decision = _authorize(session, requests)
-        if decision.verdict is Verdict.REVIEW:
-            await self._flush_upstream()
-        judgement = await session.check(statement.message, parameters=parameters, kind="execute", judged=(requests, decision))
+        judgement = await self._check(statement.message, kind="execute", parameters=parameters, judged=(requests, decision))
         if not judgement.allowed:
             self._refuse_extended(self._refusal(judgement))
             return
-        portal = Portal(bind.portal, statement, judgement.request_no, bind.result_formats)
+        portal = Portal(bind.portal, statement, judgement, bind.result_formats)
         self.portals.define(bind.portal, portal, self.batch)
         entry = _Entry(BIND, self.batch)
         entry.name = bind.portal
@@ -649,7 +707,7 @@ class Relay:
     async def _function_call(self, body: bytes) -> None:
         call = codec.decode_frontend(b"F", body)
         message = Message("postgres", "function-call", text=f"fast-path call of function {call.function_oid}", args=(call.function_oid, len(call.args)))
-        parameters = _masked_parameters(call.args, call.arg_formats, ())
+        parameters = _masked_parameters(call.args, call.arg_formats, (), self._hash_key())
         judgement = await self._judge_and_check(message, kind="function-call", parameters=parameters)
         entry = _Entry(FUNCTION)
         entry.started = time.monotonic()
@@ -755,7 +813,7 @@ class Relay:
             self._pop()
             if entry.kind == CLOSE_S:
                 self.statements.confirm(entry.name, None)
-                self.prepared_state.pop(entry.name, None)
+                self.session_state.get(PREPARED_KEY, {}).pop(entry.name, None)
             else:
                 self.portals.confirm(entry.name, None)
             if not entry.swallow:
@@ -849,7 +907,7 @@ class Relay:
             if encoding_key(status.value) not in SUPPORTED_ENCODINGS:
                 raise SessionError(f"client_encoding {status.value} is not supported through Bastion")
             self.encoding = status.value
-            self.session.info.state["postgres.client_encoding"] = status.value
+            self.session_state[CLIENT_ENCODING_KEY] = status.value
 
     # --- results ------------------------------------------------------------------------------------
 
@@ -873,6 +931,7 @@ class Relay:
         fields = codec.decode_backend(b"T", body).fields
         request = entry.requests[entry.index] if entry.index < len(entry.requests) else (entry.requests[-1] if entry.requests else None)
         result = self.result = self._new_result(entry.request_no, request, entry.started)
+        self._pause_at(result, entry.judgement)
         self._prepare_result(result, fields, tuple(f.format for f in fields))
         self._forward(b"T", body)
 
@@ -881,6 +940,7 @@ class Relay:
         requests = portal.statement.requests
         request = requests[0] if len(requests) == 1 else None
         result = self._new_result(entry.request_no, request, entry.started)
+        self._pause_at(result, portal.judgement)
         fields = portal.description if portal.description is not None else portal.statement.description
         if fields is None:
             result.withheld = "the result's columns are unknown, so it cannot be masked"
@@ -913,7 +973,7 @@ class Relay:
                 if reason:
                     result.withheld = reason
             result.plans = plans
-        result.passthrough = not plans and not result.withheld and not result.budget and result.budget is not None
+        result.passthrough = not plans and not result.withheld and not result.budget and result.budget is not None and result.row_limit is None
 
     def _shape(self, fields, formats, request) -> ResultShape:
         columns_map = self.session.target.state.get(catalog.COLUMNS_KEY) or {}
@@ -944,10 +1004,32 @@ class Relay:
             )
         return ResultShape(tuple(columns))
 
+    def _pause_at(self, result: _Result, judgement) -> None:
+        if judgement is not None and judgement.row_review is not None and judgement.request_no not in self.rows_approved:
+            result.judgement = judgement
+            result.row_limit = judgement.row_review.rows_over
+
+    async def _pause_for_review(self, result: _Result) -> None:
+        """The result reached its review threshold: stop reading the server until a reviewer
+        decides; on anything but allow, cancel the statement upstream and withhold the rest."""
+        await self._flush_client()
+        decision = await self.session.approve_rows(result.judgement, result.row_limit)
+        if decision.verdict is Verdict.ALLOW:
+            result.row_limit = None
+            self.rows_approved.add(result.request_no)  # the approval covers the message's results
+            return
+        result.withheld = f"a reviewer did not approve more than {result.row_limit} rows: {decision.summary}"
+        result.cancelled = True
+        await login.cancel_upstream(self.session, self.process_id, self.upstream_key)
+
     async def _masked_row(self, result: _Result, body: bytes) -> None:
         result.rows += 1
         if result.withheld:
             return
+        if result.row_limit is not None and result.rows > result.row_limit:
+            await self._pause_for_review(result)
+            if result.withheld:
+                return
         values = list(codec.decode_backend(b"D", body).values)
         try:
             for plan in result.plans:
@@ -1048,17 +1130,16 @@ class Relay:
         await self._finish_result(result, "ok", command_tag=tag, kind=b"C", body=body)
 
     def _session_effects(self, requests, tag: str) -> None:
-        """What a statement that succeeded changes in the session: prepared statements, schema."""
-        from_analysis = False
+        """What a statement that succeeded changes in the session: prepared statements, cursors,
+        the search path (through the SQL plugin's memory) and the schema (the catalog)."""
+        analysed = []
         for request in requests:
-            action = getattr(request, "action", "")
-            if action in _DDL_ACTIONS:
+            if getattr(request, "action", "") in _DDL_ACTIONS:
                 self.ddl_seen = True
             analysis = getattr(request, "analysis", None)
-            effect = getattr(analysis, "session_effect", "")
-            if analysis is not None and effect:
-                from_analysis = True
-                _remember_prepared(self.prepared_state, analysis)
+            if analysis is not None:
+                analysed.append(request)
+                effect = analysis.session_effect
                 if effect == "deallocate" and analysis.statement_name is not None:
                     self.statements.confirmed.pop(analysis.statement_name, None)
                     self.statements.speculative.pop(analysis.statement_name, None)
@@ -1066,8 +1147,10 @@ class Relay:
                     self.statements.clear()
                     if effect == "discard-all":
                         self.portals.clear()
-        if from_analysis:
+        if analysed:
+            _apply_confirmed(self.session_state, analysed)
             return
+        # no analysis (a parser that gives none): go by the command tag, erring towards forgetting
         if tag == "DEALLOCATE ALL" or tag == "DISCARD ALL":
             self.statements.clear()
             if tag == "DISCARD ALL":
@@ -1083,17 +1166,18 @@ class Relay:
             else:
                 self.statements.confirmed.pop(name, None)
                 self.statements.speculative.pop(name, None)
-        elif tag.startswith(("CREATE", "ALTER", "DROP", "SELECT INTO", "COMMENT", "TRUNCATE")) and not tag.startswith("CREATE ROLE"):
+        elif tag.startswith(("CREATE", "ALTER", "DROP", "SELECT INTO", "COMMENT")) and not tag.startswith(("CREATE ROLE", "ALTER ROLE", "DROP ROLE")):
             self.ddl_seen = True
 
     def _remember_protocol_statement(self, name: str, statement: Prepared) -> None:
         """A named protocol-level statement can also be run with SQL ``EXECUTE name``."""
         if not name:
             return
+        prepared = self.session_state.setdefault(PREPARED_KEY, {})
         if len(statement.requests) == 1 and getattr(statement.requests[0], "analysis", None) is not None:
-            self.prepared_state[name] = statement.requests[0].analysis
+            prepared[name] = statement.requests[0].analysis
         else:
-            self.prepared_state.pop(name, None)
+            prepared.pop(name, None)
 
     async def _ready_for_query(self, body: bytes) -> None:
         entry = self._head()
@@ -1156,6 +1240,15 @@ class Relay:
         code = error.sqlstate or ""
         result = self.result
         self.result = None
+        if result is not None and result.cancelled:
+            # the cancel Bastion sent after a reviewer's no: the caller gets the reason instead
+            await self._finish_result(result, "denied", command_tag="", kind=b"E", body=body)
+            if kind in _EXTENDED:
+                self._pop()
+                self.skipping = True
+            else:
+                entry.failed = True
+            return
         if kind == QUERY or kind == FUNCTION:
             entry.failed = True
             request_no = entry.request_no
@@ -1216,6 +1309,7 @@ class Relay:
             request = entry.requests[0] if len(entry.requests) == 1 else None
         result = self.result = self._new_result(entry.request_no, request, entry.started)
         result.copy = True
+        self._pause_at(result, entry.judgement if entry.kind == QUERY else entry.obj.judgement)
         width = len(response.column_formats)
         analysis = getattr(request, "analysis", None)
         outputs = getattr(analysis, "output_columns", None) or ()
@@ -1263,6 +1357,11 @@ class Relay:
         if result.withheld:
             result.rows += 1
             return
+        if result.row_limit is not None and result.rows >= result.row_limit and not result.copy_header:
+            await self._pause_for_review(result)
+            if result.withheld:
+                result.rows += 1
+                return
         line = body
         if result.copy_header:
             result.copy_header = False  # the CSV header line names columns; it holds no row
@@ -1289,15 +1388,12 @@ class Relay:
                 await self._record_rows(result)
 
 
-PREPARED_STATE_KEY = "prepared"
-
-
-def _remember_prepared(prepared: dict, analysis) -> None:
+def _apply_confirmed(session_state: dict, requests: list) -> None:
     try:
-        from bastion.policies.analysis import remember_prepared
-    except ImportError:
+        from bastion.plugins.sql import apply_confirmed
+    except ImportError:  # no SQL plugin: nothing keeps analyses per session
         return
-    remember_prepared(prepared, [analysis])
+    apply_confirmed(session_state, requests)
 
 
 def _authorize(session, requests: list) -> Decision:
@@ -1308,14 +1404,14 @@ def _authorize(session, requests: list) -> Decision:
     return decisions[0] if len(decisions) == 1 else Decision.combine(decisions)
 
 
-def _masked_parameters(values, formats, type_oids) -> tuple[str | None, ...]:
+def _masked_parameters(values, formats, type_oids, hash_key: bytes = b"") -> tuple[str | None, ...]:
     """What the audit trail keeps of Bind or FunctionCall values: never the values themselves."""
     try:
         from bastion.policies.masking import mask_literal_values
     except ImportError:
         return tuple(None if v is None else f"<{len(v)} bytes>" for v in values)
     oids = tuple(type_oids[: len(values)]) + (0,) * max(0, len(values) - len(type_oids))
-    return tuple(mask_literal_values(values, formats, oids))
+    return tuple(mask_literal_values(values, formats, oids, hash_key=hash_key))
 
 
 def _row_text(values: list, formats: tuple[int, ...]) -> tuple[str | None, ...]:
