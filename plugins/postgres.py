@@ -22,8 +22,9 @@ Startup parameters: ``application_name``, ``client_encoding``, ``DateStyle``, ``
 ``default_transaction_read_only`` and ``bytea_output`` are passed on (plus any named in
 ``startup_parameters``). Any other is refused with FATAL 42501 (it could set ``role``), except
 ``options`` and ``replication``: with ``allow_startup_options`` they are passed on, otherwise
-each is judged as a ``Message(protocol="postgres", kind="startup-parameter", text="name=value",
-args=(name, value))`` and passed on only if a grant allows it. Only UTF8 and SQL_ASCII client
+each is judged as a ``Message(protocol="postgres", kind="startup-options", text="name=value",
+args=(name, value))`` whose request has the action ``startup-options`` (or ``replication``),
+and passed on only if a grant with that capability allows it. Only UTF8 and SQL_ASCII client
 encodings are relayed (statements are read as UTF-8).
 
 How statements, results, refusals and cancels are handled: see :mod:`bastion.plugins.postgres_relay`
@@ -44,8 +45,8 @@ from bastion.core.hookspecs import hookimpl
 from bastion.core.specs import ProtocolSpec
 from bastion.plugins import postgres_catalog as catalog
 from bastion.plugins import postgres_login as login
-from bastion.plugins.postgres_relay import SUPPORTED_ENCODINGS, Relay, encoding_key
-from bastion.policies.model import Credential, Message
+from bastion.plugins.postgres_relay import SUPPORTED_ENCODINGS, Relay, authorize_requests, encoding_key
+from bastion.policies.model import Credential, Message, Request
 from bastion.protocols.postgres import codec
 from bastion.protocols.postgres.errors import ProtocolError
 from bastion.protocols.postgres.framing import DEFAULT_MAX_BACKEND_MESSAGE_LENGTH, END_OF_STREAM, FrontendDecoder
@@ -268,8 +269,13 @@ class PostgresHandler:
 
 
 async def _granted(session, name: str, value: str) -> bool:
-    message = Message("postgres", "startup-parameter", text=f"{name}={value}", args=(name, value))
-    judgement = await session.check(message, kind="startup-parameter")
+    """Ask the policy about a guarded startup parameter: the request's action is the capability a
+    grant must have (``startup-options`` for ``options``, ``replication`` for ``replication``)."""
+    capability = "replication" if name.lower() == "replication" else "startup-options"
+    message = Message("postgres", capability, text=f"{name}={value}", args=(name, value))
+    request = Request(message=message, action=capability, redacted_text=f"startup parameter {name}")
+    decision = authorize_requests(session, [request])
+    judgement = await session.check(message, kind="startup-parameter", judged=([request], decision))
     return judgement.allowed
 
 

@@ -89,7 +89,7 @@ from bastion.protocols.postgres.messages import (
     Query,
     ReadyForQuery,
 )
-from bastion.policies.model import Column, Decision, Message, ResultShape, Verdict
+from bastion.policies.model import Column, Decision, Message, Request, ResultShape, Verdict
 
 log = logging.getLogger("bastion.postgres")
 
@@ -645,7 +645,7 @@ class Relay:
         session = self.session
         parameters = _masked_parameters(bind.params, bind.param_formats, statement.param_types, self._hash_key())
         requests = list(statement.requests)
-        decision = _authorize(session, requests)
+        decision = authorize_requests(session, requests)
         judgement = await self._check(statement.message, kind="execute", parameters=parameters, judged=(requests, decision))
         if not judgement.allowed:
             self._refuse_extended(self._refusal(judgement))
@@ -706,9 +706,13 @@ class Relay:
 
     async def _function_call(self, body: bytes) -> None:
         call = codec.decode_frontend(b"F", body)
-        message = Message("postgres", "function-call", text=f"fast-path call of function {call.function_oid}", args=(call.function_oid, len(call.args)))
+        text = f"fast-path call of function {call.function_oid}"
+        message = Message("postgres", "function-call", text=text, args=(call.function_oid, len(call.args)))
+        # the request is the protocol's own: no SQL to parse, and its action is the capability
+        # (function-call) a grant must have; nothing allows it by default
+        request = Request(message=message, action="function-call", functions=frozenset({f"oid:{call.function_oid}"}), redacted_text=text)
         parameters = _masked_parameters(call.args, call.arg_formats, (), self._hash_key())
-        judgement = await self._judge_and_check(message, kind="function-call", parameters=parameters)
+        judgement = await self._check(message, kind="function-call", parameters=parameters, judged=([request], authorize_requests(self.session, [request])))
         entry = _Entry(FUNCTION)
         entry.started = time.monotonic()
         if judgement.allowed:
@@ -1396,7 +1400,7 @@ def _apply_confirmed(session_state: dict, requests: list) -> None:
     apply_confirmed(session_state, requests)
 
 
-def _authorize(session, requests: list) -> Decision:
+def authorize_requests(session, requests: list) -> Decision:
     """Authorize already-parsed requests again (at Bind: the policy may have changed since Parse)."""
     if not requests:
         return Decision.deny("empty", "the message carries no statement")

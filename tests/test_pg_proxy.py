@@ -119,7 +119,7 @@ def test_listed_databases_are_served(pg_gateway, postgres_server):
 
 def test_startup_options_are_refused_unless_allowed_or_granted(pg_gateway):
     def no_startup_parameters(request):
-        if request.message.kind == "startup-parameter":
+        if request.action == "startup-options":
             return ("test:no-options", "startup options are not granted")
         return None
 
