@@ -195,7 +195,6 @@ def test_a_window_lets_the_job_repeat_the_statement_without_asking_again(pg_gate
         assert approval_steps(gw, approval_id)[-1] == "window"
 
 
-@pytest.mark.xfail(reason="the PostgreSQL relay does not set session.notify yet, so the held caller gets no NoticeResponse", strict=False)
 def test_the_held_caller_is_told_the_request_id_and_how_to_approve(pg_gateway):
     with start(pg_gateway) as gw:
         table = patients_table(gw)
@@ -203,14 +202,15 @@ def test_the_held_caller_is_told_the_request_id_and_how_to_approve(pg_gateway):
         caller.start()
         approval_id = wait_for_pending(gw)
         try:
-            gw.wait_for(lambda: caller.notices, timeout=5)
+            gw.wait_for(lambda: caller.notices, timeout=WAIT)
         finally:
             cli(gw, "deny", approval_id, "--reason", "test over", token=ALICE_TOKEN)
             caller.outcome()
-        assert approval_id in caller.notices[0] and "bastion approvals approve" in caller.notices[0]
+        notice = caller.notices[0]
+        assert approval_id in notice and f"bastion approvals approve {approval_id} -c {gw.directory / 'bastion.toml'}" in notice
+        assert f"POST http://{gw.gateway.admin_address}/approvals/{approval_id}/approve" in notice
 
 
-@pytest.mark.xfail(reason="the PostgreSQL relay does not watch the caller while a statement is held (nor set session.notify for reminders), so a hang-up is only noticed when the request expires", strict=False)
 def test_a_caller_that_hangs_up_while_held_cancels_its_request(pg_gateway):
     with start(pg_gateway) as gw:
         table = patients_table(gw)
@@ -222,7 +222,10 @@ def test_a_caller_that_hangs_up_while_held_cancels_its_request(pg_gateway):
         approval_id = wait_for_pending(gw)
         client.close()
         store = gw.gateway.runtime.approvals.store
-        gw.wait_for(lambda: trio.from_thread.run(store.get, approval_id, trio_token=gw.trio_token).state == "cancelled", timeout=10)
+        record = gw.wait_for(lambda: (r := trio.from_thread.run(store.get, approval_id, trio_token=gw.trio_token)).state == "cancelled" and r, timeout=WAIT)
+        assert "connection closed" in record.outcome or "session ended" in record.outcome
+        gw.wait_for(lambda: approval_steps(gw, approval_id) == ["requested", "cancelled"], timeout=WAIT)
+        assert remaining(gw, table) == [1, 2, 3]
 
 
 # --- a result paused at its row threshold, with the gateway in its own process ----------------------
@@ -279,7 +282,6 @@ poll_interval = "50ms"
     return path
 
 
-@pytest.mark.xfail(reason="the PostgreSQL relay does not call session.approve_rows at a review's rows_over threshold yet: the whole result streams", strict=False)
 def test_a_large_result_pauses_at_its_threshold_with_flat_gateway_memory_until_approved(postgres_server, tmp_path):
     from bastion.protocols.postgres.messages import CommandComplete, DataRow, Query, ReadyForQuery
     from tests.pg_helpers import RawClient
