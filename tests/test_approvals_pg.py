@@ -228,6 +228,25 @@ def test_a_caller_that_hangs_up_while_held_cancels_its_request(pg_gateway):
         assert remaining(gw, table) == [1, 2, 3]
 
 
+def test_a_result_paused_at_its_threshold_and_denied_fails_with_the_reason(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = fresh_table(gw.server, "create table {t} (id int)", name=f"bulk_{uuid.uuid4().hex[:8]}")
+        gw.server.execute(f"insert into {table} select generate_series(1, 5000)")
+        caller = Caller(gw.dsn(), f"select id from {table}")
+        caller.start()
+        approval_id = wait_for_pending(gw)
+        (record,) = pending(gw)
+        assert record.request.kind == "rows" and record.request.rows_sent == 1000
+        assert record.request.statement == f"result of select id from {table} passed 1000 rows"
+        base = f"http://{gw.gateway.admin_address}"
+        with httpx.Client(base_url=base, timeout=WAIT) as client:
+            denied = client.post(f"/approvals/{approval_id}/deny", headers={"authorization": f"Bearer {ALICE_TOKEN}"}, json={"reason": "export through the reporting job"})
+            assert denied.status_code == 200
+        _, error = caller.outcome()
+        assert isinstance(error, pg_errors.InsufficientPrivilege) and "export through the reporting job" in str(error)
+        assert approval_steps(gw, approval_id) == ["requested", "denied"]
+
+
 # --- a result paused at its row threshold, with the gateway in its own process ----------------------
 
 
