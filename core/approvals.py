@@ -529,7 +529,7 @@ class ApprovalService:
             remaining = request.expires_at - self.clock()
             if remaining <= 0:
                 now = self.clock()  # read here: stores may run the change in a worker thread
-                current = await self.store.change(request.id, lambda r: model.expire(r, now), now=now)
+                current = await self.store.change(request.id, lambda r, now=now: model.expire(r, now), now=now)
                 await self._drain(current)
                 if current.state != model.PENDING:
                     return current

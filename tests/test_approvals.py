@@ -339,7 +339,7 @@ async def test_with_two_approvers_the_window_is_the_shortest_asked_and_none_if_o
 async def test_a_session_that_ends_while_waiting_cancels_its_request_for_good(autojump_clock):
     async with running_service() as harness:
         async with trio.open_nursery() as nursery:
-            session, results = await hold_in_background(nursery, harness)
+            _, results = await hold_in_background(nursery, harness)
             approval_id = await harness.pending_id()
             nursery.cancel_scope.cancel()  # what the gateway does to a session that is ending
         assert results == []
