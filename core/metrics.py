@@ -18,5 +18,21 @@ class Metrics:
         self.audit_records = Counter("bastion_audit_records", "Audit events recorded", ["type"], registry=r)
         self.accept_errors = Counter("bastion_accept_errors", "Errors accepting connections", ["target"], registry=r)
 
+        self._request_children: dict[tuple[str, str], object] = {}
+        self._record_children: dict[str, object] = {}
+
+    def count_request(self, target: str, verdict: str) -> None:
+        """On every statement: the labelled child is looked up once, not per call."""
+        child = self._request_children.get((target, verdict))
+        if child is None:
+            child = self._request_children[(target, verdict)] = self.requests.labels(target, verdict)
+        child.inc()
+
+    def count_record(self, event_type: str) -> None:
+        child = self._record_children.get(event_type)
+        if child is None:
+            child = self._record_children[event_type] = self.audit_records.labels(event_type)
+        child.inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -89,7 +89,7 @@ class Runtime:
 
     async def record(self, event: events.AuditEvent, *, durable: bool = False) -> None:
         await self.trail.record(event, durable=durable)
-        self.metrics.audit_records.labels(event.type).inc()
+        self.metrics.count_record(event.type)
         self.hooks.record(event)
 
     async def review(self, session: Session, request_no: int, requests: Sequence[Request], decision: Decision) -> Decision:

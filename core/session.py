@@ -319,7 +319,7 @@ class Session:
                     "audit-unavailable",
                     "the audit trail cannot record this statement, so it is not run",
                 )
-        self.runtime.metrics.requests.labels(self.config.name, decision.verdict.value).inc()
+        self.runtime.metrics.count_request(self.config.name, decision.verdict.value)
         return Judgement(request_no, tuple(requests), decision, row_review)
 
     async def approve_rows(self, judgement: Judgement, rows_sent: int) -> Decision:
