@@ -130,7 +130,7 @@ class ResultRows(AuditEvent):
 class ApprovalEvent(AuditEvent):
     request_no: int
     approval_id: str
-    step: str  # requested | approved | denied | expired | cancelled
+    step: str  # requested | approval (one reviewer's vote) | approved | denied | expired | cancelled | window
     actor: str = ""
     comment: str = ""
     rule: str = ""

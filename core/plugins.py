@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "mtls": "bastion.plugins.identity_mtls",
     "audit-sinks": "bastion.plugins.audit_sinks",
     "audit-commands": "bastion.plugins.audit_commands",
+    "approvals-commands": "bastion.plugins.approvals_commands",
 }
 
 

@@ -416,10 +416,11 @@ def _classify(exc: BaseException, session_id: str) -> tuple[str, str]:
         return "upstream unavailable", leaf.reason
     if isinstance(leaf, SessionError):
         return leaf.reason, ""
+    if isinstance(leaf, ssl.SSLError) or isinstance(leaf.__cause__, ssl.SSLError):
+        cause = leaf if isinstance(leaf, ssl.SSLError) else leaf.__cause__
+        return "tls handshake failed", cause.reason or type(cause).__name__
     if isinstance(leaf, (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)):
         return "connection lost", type(leaf).__name__
-    if isinstance(leaf, ssl.SSLError):
-        return "tls handshake failed", leaf.reason or type(leaf).__name__
     if isinstance(leaf, trio.TooSlowError):
         return "timed out", ""
     log.error("session %s failed", session_id, exc_info=exc)

@@ -202,3 +202,58 @@ async def wait_until(condition, timeout: float = 10) -> None:
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.01)
+
+
+async def test_mtls_listener_makes_the_client_certificate_the_identity(tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    good_client = ca.issue_cert("ci-bot.example", common_name="ci-bot")
+    stranger_ca = trustme.CA()
+    stranger = stranger_ca.issue_cert("ci-bot.example", common_name="ci-bot")
+
+    def client_context(cert) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        cert.configure_cert(context)
+        return context
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            upstream_port = await nursery.start(echo_server)
+            path = tcp_config(
+                tmp_path,
+                upstream_port,
+                policy=GRANT_ANONYMOUS.replace('subjects = ["anonymous"]', 'subjects = ["ci-bot"]'),
+                extra='authentication = "mtls"\ntls = { cert = "server.pem", key = "server.pem", client_ca = "ca.pem", require_client_cert = true }',
+            )
+            path.write_text(path.read_text() + '\n[[identity]]\nkind = "mtls"\nsubject_from = "cn"\n')
+            async with running_gateway(path) as gateway:
+                address = gateway.addresses["raw"]
+                raw = await trio.open_tcp_stream(address.host, address.port)
+                client = trio.SSLStream(raw, client_context(good_client), server_hostname="127.0.0.1")
+                await client.send_all(b"over tls")
+                got = b""
+                while len(got) < 8:
+                    got += await client.receive_some(100)
+                assert got == b"OVER TLS"
+                await client.aclose()
+                raw = await trio.open_tcp_stream(address.host, address.port)
+                refused = trio.SSLStream(raw, client_context(stranger), server_hostname="127.0.0.1")
+                with pytest.raises(trio.BrokenResourceError):
+                    await refused.send_all(b"x")
+                    await refused.receive_some(10)
+                await wait_until(lambda: gateway.runtime.active_sessions() == 0)
+            nursery.cancel_scope.cancel()
+    events = read_events(tmp_path / "state")
+    started = [e for e in events if e["type"] == "session-started"]
+    assert len(started) == 1
+    assert started[0]["identity"]["subject"] == "ci-bot" and started[0]["identity"]["auth_method"] == "mtls"
+    assert started[0]["tls"] is True
+    ended = [e for e in events if e["type"] == "session-ended"]
+    assert sorted(e["reason"] for e in ended) == ["client disconnected", "tls handshake failed"]
