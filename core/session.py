@@ -22,6 +22,7 @@ from bastion.core import events
 from bastion.core.config import TargetConfig
 from bastion.core.errors import AuthenticationFailed, ConnectDenied, UpstreamUnavailable
 from bastion.core.hooks import HookError
+from bastion.policies import masking
 from bastion.policies.model import (
     AuthOutcome,
     AuthStatus,
@@ -345,7 +346,31 @@ class Session:
     # --- record ------------------------------------------------------------------------------------
 
     async def record(self, event: events.AuditEvent, *, durable: bool = False) -> None:
-        await self.runtime.record(event, durable=durable)
+        await self.runtime.record(self._for_the_record(event), durable=durable)
+
+    def _for_the_record(self, event: events.AuditEvent) -> events.AuditEvent:
+        """Recordings never hold raw PHI, whatever the caller was allowed to see.
+
+        Result rows and echoed error text are what the caller saw after its own masking (none for
+        an exempt identity); before they are written, every recognizer masks what it finds
+        again, so even an exempt caller's session is recorded without raw identifiers.
+        """
+        if isinstance(event, events.ResultRows):
+            mask = self._record_masker()
+            return attrs.evolve(event, rows=tuple(tuple(None if cell is None else mask(cell) for cell in row) for row in event.rows))
+        if isinstance(event, events.ResponseCompleted) and event.error_message:
+            return attrs.evolve(event, error_message=self._record_masker()(event.error_message))
+        return event
+
+    def _record_masker(self) -> Callable[[str], str]:
+        custom = tuple(getattr(self._info.policy, "recognizers", ()) or ())
+
+        def mask(text: str) -> str:
+            if not text or (text.isascii() and text.isalpha()):  # nothing a recognizer could find
+                return text
+            return masking.mask_text(text, custom=custom)[0]
+
+        return mask
 
     async def record_response(self, request_no: int, status: str, **fields: Any) -> None:
         await self.record(events.ResponseCompleted(session_id=self.id, request_no=request_no, status=status, **fields))
