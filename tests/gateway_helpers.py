@@ -39,3 +39,42 @@ async def running_gateway(config_path: Path, *, extra_plugins: Iterable[object] 
             yield gateway
         finally:
             gateway.shutdown("test finished")
+
+
+@contextlib.contextmanager
+def bastion_serve(config_path: Path, admin_port: int, *extra_args: str, timeout: float = 30):
+    """``bastion serve`` as a child process, ready once its admin port answers; SIGTERM at the end.
+
+    Yields the process; its captured output is in ``process.output`` (stdout, stderr) afterwards.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bastion.core.cli", *extra_args, "serve", "-c", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", admin_port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"bastion serve did not start: {process.communicate()[1]}") from None
+                time.sleep(0.05)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.output = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.output = process.communicate()
