@@ -75,6 +75,7 @@ from bastion.core.errors import ClientProtocolError, SessionError
 from bastion.core.hooks import HookError
 from bastion.plugins import postgres_catalog as catalog
 from bastion.plugins import postgres_login as login
+from bastion.plugins.postgres_io import Channel, Gate
 from bastion.protocols.postgres import codec
 from bastion.protocols.postgres.errors import ProtocolError
 from bastion.protocols.postgres.framing import END_OF_STREAM, NEED_DATA
@@ -102,6 +103,8 @@ ROWS_PER_RECORD = 500
 # what a caller may send while its statement is held for review before Bastion stops reading it
 # (it is kept for when the statement is decided; reading at all is only to notice a hang-up)
 HELD_INPUT_BYTES = 1024 * 1024
+# decoded RowDescriptions a session keeps, keyed by their bytes
+DESCRIPTION_CACHE = 64
 # entries (messages the server still owes an answer to) beyond which the frontend stops reading
 # the caller until answers have gone out: a caller pipelining without reading holds up only itself
 MAX_PENDING = 8192
@@ -300,6 +303,7 @@ class Relay:
         self.process_id = upstream.process_id
         self.upstream_key = upstream.secret_key
         self.rows_approved: set[int] = set()  # requests whose results a reviewer let through
+        self.descriptions: dict[bytes, tuple[FieldDescription, ...]] = {}
         self.hooks = session.hooks
         self.mask_texts = session.hooks.has_text_transforms()
         self.record_rows = session.record_rows_limit
@@ -311,7 +315,7 @@ class Relay:
         self.pending: deque[_Entry] = deque()
         self.batch = 1  # the frontend's open batch (number of terminators forwarded + 1)
         self.acked = 0  # batches the server has finished answering
-        self.acked_event = trio.Event()
+        self.acked_event: trio.Event | None = None  # set when someone waits for an answer
         self.popped_event = trio.Event()
         self.discarding = False  # frontend: a refused extended message; drop until Sync
         self.skipping = False  # backend: the server skips to the next Sync
@@ -326,8 +330,10 @@ class Relay:
         self.to_client_size = 0
         self.to_upstream: list[bytes] = []
         self.to_upstream_size = 0
-        self.client_lock = trio.Lock()
-        self.upstream_lock = trio.Lock()
+        self.client_io = Channel(client)
+        self.upstream_io = Channel(upstream.stream)
+        self.client_lock = Gate()
+        self.upstream_lock = Gate()
         self.client_clean = True  # no write to the caller was cut short
         self.upstream_clean = True
         self.encoding = encoding
@@ -379,7 +385,7 @@ class Relay:
         else:
             data = ErrorResponse.build(ADMIN_SHUTDOWN, "terminating connection due to administrator command", severity="FATAL", detail=f"Bastion: {reason}")
         with trio.move_on_after(1):
-            await self.client.send_all(codec.encode(data))
+            await self.client_io.send_all(codec.encode(data))
 
     async def close_upstream(self) -> None:
         """Say goodbye to the server (Terminate) when the stream is whole, then close it."""
@@ -387,7 +393,7 @@ class Relay:
             with trio.move_on_after(0.5) as scope:
                 scope.shield = True
                 try:
-                    await self.upstream.send_all(b"X\x00\x00\x00\x04")
+                    await self.upstream_io.send_all(b"X\x00\x00\x00\x04")
                 except Exception:
                     pass
         await trio.aclose_forcefully(self.upstream)
@@ -402,7 +408,7 @@ class Relay:
         self.to_client_size = 0
         async with self.client_lock:
             self.client_clean = False
-            await self.client.send_all(data)
+            await self.client_io.send_all(data)
             self.client_clean = True
         self.session.bytes_to_client += len(data)
 
@@ -414,7 +420,7 @@ class Relay:
         self.to_upstream_size = 0
         async with self.upstream_lock:
             self.upstream_clean = False
-            await self.upstream.send_all(data)
+            await self.upstream_io.send_all(data)
             self.upstream_clean = True
 
     async def _say_to_client(self, data: bytes) -> None:
@@ -425,7 +431,7 @@ class Relay:
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 async with self.client_lock:
-                    await self.client.send_all(data)
+                    await self.client_io.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
@@ -441,7 +447,7 @@ class Relay:
 
     async def _pump_frontend(self) -> None:
         decoder = self.client_decoder
-        client = self.client
+        client = self.client_io
         session = self.session
         while True:
             frame = decoder.next_frame()
@@ -449,13 +455,13 @@ class Relay:
                 await self._flush_upstream()
                 if self.idle_timeout and not self.pending:
                     with trio.move_on_after(self.idle_timeout) as idle:
-                        data = await client.receive_some(RECEIVE_BYTES)
+                        data = await client.receive(RECEIVE_BYTES)
                     if idle.cancelled_caught:
                         session.end_reason = "idle timeout"
                         await self._say_to_client(codec.encode(ErrorResponse.build(IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout", severity="FATAL")))
                         return
                 else:
-                    data = await client.receive_some(RECEIVE_BYTES)
+                    data = await client.receive(RECEIVE_BYTES)
                 decoder.receive_data(data)
                 continue
             if frame is END_OF_STREAM:
@@ -518,8 +524,9 @@ class Relay:
     async def _wait_acked(self, batch: int) -> None:
         await self._flush_upstream()
         while self.acked < batch:
-            event = self.acked_event
-            await event.wait()
+            if self.acked_event is None:
+                self.acked_event = trio.Event()
+            await self.acked_event.wait()
 
     async def _lookup(self, table: Names, name: str) -> Any:
         while True:
@@ -563,7 +570,7 @@ class Relay:
         """Return when the caller hangs up; keep what it sends meanwhile for later (bounded)."""
         decoder = self.client_decoder
         while decoder.buffered < HELD_INPUT_BYTES:
-            data = await self.client.receive_some(RECEIVE_BYTES)
+            data = await self.client_io.receive(RECEIVE_BYTES)
             decoder.receive_data(data)
             if not data:
                 return
@@ -574,7 +581,7 @@ class Relay:
         data = codec.encode(NoticeResponse.build("00000", text, severity="NOTICE"))
         async with self.client_lock:
             self.client_clean = False
-            await self.client.send_all(data)
+            await self.client_io.send_all(data)
             self.client_clean = True
 
     def _hash_key(self) -> bytes:
@@ -728,13 +735,13 @@ class Relay:
 
     async def _pump_backend(self) -> None:
         decoder = self.upstream_decoder
-        upstream = self.upstream
+        upstream = self.upstream_io
         header = _HEADER.pack
         while True:
             frame = decoder.next_frame()
             if frame is NEED_DATA:
                 await self._flush_client()
-                decoder.receive_data(await upstream.receive_some(RECEIVE_BYTES))
+                decoder.receive_data(await upstream.receive(RECEIVE_BYTES))
                 continue
             if frame is END_OF_STREAM:
                 if not self.terminating:
@@ -791,8 +798,9 @@ class Relay:
     def _acknowledge(self) -> None:
         self.acked += 1
         event = self.acked_event
-        self.acked_event = trio.Event()
-        event.set()
+        if event is not None:  # someone waits for an answer (see _wait_acked)
+            self.acked_event = None
+            event.set()
 
     async def _backend_message(self, kind: bytes, body: bytes) -> None:
         if kind == b"C":
@@ -932,12 +940,22 @@ class Relay:
             return
         if kind != QUERY:
             raise ProtocolError("RowDescription answers no query")
-        fields = codec.decode_backend(b"T", body).fields
+        fields = self._fields(body)
         request = entry.requests[entry.index] if entry.index < len(entry.requests) else (entry.requests[-1] if entry.requests else None)
         result = self.result = self._new_result(entry.request_no, request, entry.started)
         self._pause_at(result, entry.judgement)
         self._prepare_result(result, fields, tuple(f.format for f in fields))
         self._forward(b"T", body)
+
+    def _fields(self, body: bytes) -> tuple[FieldDescription, ...]:
+        """A RowDescription's fields; a session asks the same few shapes again and again."""
+        fields = self.descriptions.get(body)
+        if fields is None:
+            fields = codec.decode_backend(b"T", body).fields
+            if len(self.descriptions) >= DESCRIPTION_CACHE:
+                self.descriptions.clear()
+            self.descriptions[body] = fields
+        return fields
 
     def _execute_result(self, entry: _Entry) -> _Result:
         portal: Portal = entry.obj
@@ -1114,7 +1132,7 @@ class Relay:
         entry = self._head()
         if entry is None or entry.kind not in (QUERY, EXECUTE):
             raise ProtocolError("CommandComplete answers no query")
-        tag = codec.decode_backend(b"C", body).tag
+        tag = _command_tag(body)
         result = self.result
         self.result = None
         if entry.kind == EXECUTE:
@@ -1217,7 +1235,7 @@ class Relay:
         self.pending.append(entry)
         async with self.upstream_lock:
             self.upstream_clean = False
-            await self.upstream.send_all(POISON_QUERY)
+            await self.upstream_io.send_all(POISON_QUERY)
             self.upstream_clean = True
 
     async def _error(self, body: bytes) -> None:
@@ -1429,6 +1447,12 @@ def _row_text(values: list, formats: tuple[int, ...]) -> tuple[str | None, ...]:
         else:
             out.append(value.decode("utf-8", "replace"))
     return tuple(out)
+
+
+def _command_tag(body: bytes) -> str:
+    if body[-1:] != b"\x00" or b"\x00" in body[:-1]:
+        raise ProtocolError("malformed CommandComplete")
+    return body[:-1].decode("utf-8", "replace")
 
 
 def _ms_since(started: float) -> float:

@@ -416,7 +416,7 @@ def run_pg_gateway(
     bundle: str | None = None,
     gateway_extra: str = "",
     process: str | None = None,
-    real_trail: bool = False,
+    real_trail: bool | str = False,
 ) -> Iterator[PgGateway]:
     """Serve a ``postgres`` target in front of ``server`` until the block ends.
 
@@ -425,7 +425,9 @@ def run_pg_gateway(
     with clients that block in C while holding the GIL (psycopg's ``conn.cancel()``), and for
     measurements; events are then read back from a file, and ``gw.call``/``gw.trail`` are not
     available. ``real_trail``: record to the real audit trail on disk (``var/audit`` under the
-    directory) instead of memory; ``gw.events`` is then empty.
+    directory) instead of memory; ``gw.events`` is then empty. With ``process``, ``real_trail =
+    "null"`` drops every event (to measure the protocol alone). A child process run with
+    ``BASTION_PROFILE=<file>`` in its environment writes a cProfile of the gateway there.
     """
     config_path = write_pg_config(
         directory,
@@ -494,6 +496,13 @@ def run_pg_gateway(
             raise box["error"]
 
 
+class NullTrail(MemoryTrail):
+    """Keeps nothing: for measuring the gateway without the cost of any record."""
+
+    async def record(self, event, durable: bool = False) -> None:
+        pass
+
+
 class FileTrail(MemoryTrail):
     """Appends every event as a JSON line (for a gateway in a child process)."""
 
@@ -533,7 +542,8 @@ class _EventFile:
 @contextlib.contextmanager
 def _run_in_process(server, directory: Path, config_path: Path, plugins: str, real_trail: bool, ca_file) -> Iterator[PgGateway]:
     events_path = directory / "events.jsonl"
-    command = [sys.executable, "-m", "tests.pg_helpers", str(config_path), str(events_path), plugins, "real" if real_trail else "file"]
+    trail_kind = real_trail if isinstance(real_trail, str) else ("real" if real_trail else "file")
+    command = [sys.executable, "-m", "tests.pg_helpers", str(config_path), str(events_path), plugins, trail_kind]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent), text=True)
     try:
         ready = _read_line(child, START_TIMEOUT)
@@ -582,7 +592,7 @@ def _serve_in_process(config_path: str, events_path: str, plugins: str, trail_ki
     else:
         extra = [GrantAll()]
     config, hooks, loaded_policy = build_hooks_and_config(Path(config_path), extra)
-    trail = None if trail_kind == "real" else FileTrail(Path(events_path))
+    trail = {"real": None, "null": NullTrail()}.get(trail_kind) if trail_kind in ("real", "null") else FileTrail(Path(events_path))
     gateway = Gateway(config, hooks, policy=loaded_policy, trail=trail)
 
     async def main() -> None:
@@ -591,7 +601,13 @@ def _serve_in_process(config_path: str, events_path: str, plugins: str, trail_ki
             address = gateway.addresses[TARGET]
             print(f"READY {address.host} {address.port}", flush=True)
 
-    trio.run(main)
+    profile = os.environ.get("BASTION_PROFILE")
+    if profile:
+        import cProfile
+
+        cProfile.runctx("trio.run(main)", globals(), {"trio": trio, "main": main}, profile)
+    else:
+        trio.run(main)
 
 
 @pytest.fixture
