@@ -42,7 +42,7 @@ async def running_gateway(config_path: Path, *, extra_plugins: Iterable[object] 
 
 
 @contextlib.contextmanager
-def bastion_serve(config_path: Path, admin_port: int, *extra_args: str, timeout: float = 30):
+def bastion_serve(config_path: Path, admin_port: int, *extra_args: str, timeout: float = 30, serve_args: tuple[str, ...] = ()):
     """``bastion serve`` as a child process, ready once its admin port answers; SIGTERM at the end.
 
     Yields the process; its captured output is in ``process.output`` (stdout, stderr) afterwards.
@@ -54,7 +54,7 @@ def bastion_serve(config_path: Path, admin_port: int, *extra_args: str, timeout:
     import time
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "bastion.core.cli", *extra_args, "serve", "-c", str(config_path)],
+        [sys.executable, "-m", "bastion.core.cli", *extra_args, "serve", "-c", str(config_path), *serve_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

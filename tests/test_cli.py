@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -141,3 +142,39 @@ def test_usage_errors_are_short(argv):
     result = run(*argv)
     assert result.returncode in (1, 2)
     assert "Traceback" not in result.stderr
+
+
+def test_two_workers_share_the_port_and_keep_one_chain_each(tmp_path):
+    import trio
+
+    listen_port, admin_port = free_port(), free_port()
+    path = config(tmp_path, listen_port, admin_port)
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen(64)
+    path.write_text(path.read_text().replace('upstream = "127.0.0.1:9"', f'upstream = "127.0.0.1:{upstream.getsockname()[1]}"'))
+    from tests.gateway_helpers import bastion_serve
+
+    with bastion_serve(path, admin_port, timeout=60, serve_args=("--workers", "2")) as process:
+        import subprocess as sp
+
+        workers = sp.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        time.sleep(1)  # both workers bound
+        clients = []
+        for _ in range(40):
+            clients.append(socket.create_connection(("127.0.0.1", listen_port)))
+        for client in clients:
+            client.close()
+        time.sleep(1)
+    upstream.close()
+    assert process.returncode == 0
+    result = run("audit", "verify", "-c", str(path), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    heads = {name for name in os.listdir(tmp_path / "state" / "audit") if name.endswith(".head")}
+    assert heads == {"worker-0.head", "worker-1.head"}
+    listing = json.loads(run("sessions", "list", "-c", str(path), "--json").stdout)
+    assert len(listing) == 40
+    export = run("audit", "export", "-c", str(path), "--format", "jsonl")
+    serving_chains = {json.loads(line)["chain"] for line in export.stdout.splitlines() if '"session-started"' in line}
+    assert len(serving_chains) == 2  # the kernel spread the connections over both workers
