@@ -30,6 +30,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "audit-sinks": "bastion.plugins.audit_sinks",
     "audit-commands": "bastion.plugins.audit_commands",
     "approvals-commands": "bastion.plugins.approvals_commands",
+    "demo": "bastion.plugins.demo_command",
 }
 
 

@@ -23,8 +23,6 @@ import attrs
 import pytest
 
 LOOPBACK = "127.0.0.1"
-# Debian keeps the server binaries out of PATH
-PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 START_TIMEOUT = 60.0
 
 
@@ -122,49 +120,15 @@ class PostgresServer:
 
 @contextlib.contextmanager
 def run_postgres(extra_conf: str = "") -> Iterator[PostgresServer]:
-    bin_dir = next((d for d in PG_BIN_DIRS if (d / "initdb").exists()), None)
-    if bin_dir is None:
-        initdb = shutil.which("initdb")
-        if initdb is None:
-            missing("PostgreSQL (initdb, pg_ctl)")
-        bin_dir = Path(initdb).resolve().parent
-    user = _service_user("postgres")
-    base = Path(tempfile.mkdtemp(prefix="bastion-pg-"))
-    data_dir, socket_dir, log_file = base / "data", base / "sock", base / "server.log"
-    socket_dir.mkdir()
-    password = secrets.token_urlsafe(18)
-    pwfile = base / "pw"
-    pwfile.write_text(password)
-    if user is not None:
-        shutil.chown(base, user)
-        for path in (socket_dir, pwfile):
-            shutil.chown(path, user)
-    port = free_port()
-    run = _as_user(user)
-    subprocess.run(
-        [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C", "--no-sync"],
-        check=True,
-        capture_output=True,
-        **run,
-    )
-    with open(data_dir / "postgresql.conf", "a") as conf:
-        conf.write(
-            f"\nlisten_addresses = '{LOOPBACK}'\nport = {port}\nunix_socket_directories = '{socket_dir}'\n"
-            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
-            "password_encryption = 'scram-sha-256'\n" + extra_conf
-        )
-    subprocess.run(
-        [str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-l", str(log_file), "-w", "-t", "60", "start"],
-        check=True,
-        capture_output=True,
-        **run,
-    )
-    server = PostgresServer(LOOPBACK, port, "postgres", password, data_dir, socket_dir, bin_dir, log_file)
+    """A cluster from :mod:`bastion.core.pgcluster` (the one ``bastion demo`` starts), as a fixture value."""
+    from bastion.core import pgcluster
+
     try:
-        yield server
-    finally:
-        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "-w", "stop"], capture_output=True, check=False, **run)
-        shutil.rmtree(base, ignore_errors=True)
+        bin_dir = pgcluster.find_bin_dir()
+    except pgcluster.ProgramsMissing:
+        missing("PostgreSQL (initdb, pg_ctl)")
+    with pgcluster.running(bin_dir=bin_dir, extra_conf=extra_conf) as cluster:
+        yield PostgresServer(cluster.host, cluster.port, cluster.superuser, cluster.password, cluster.data_dir, cluster.socket_dir, cluster.bin_dir, cluster.log_file)
 
 
 # --- MariaDB -----------------------------------------------------------------------------------------
