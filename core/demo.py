@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import secrets
 import shlex
 import shutil
@@ -107,12 +108,7 @@ def run(options: DemoOptions, out: TextIO | None = None) -> int:
     except (DemoError, pgcluster.ProgramsMissing) as exc:
         print(f"bastion demo: {exc}", file=sys.stderr)
         return 1
-    if requested is None:
-        state_dir = Path(tempfile.mkdtemp(prefix="bastion-demo-"))
-    else:
-        requested.mkdir(parents=True, exist_ok=True)
-        state_dir = requested
-    demo = Demo(options, bin_dir, state_dir, owns_state_dir=requested is None, out=out)
+    demo = Demo(options, bin_dir, requested, out=out)
     with _quiet_gateway_logs():
         return trio.run(demo.main)
 
@@ -239,14 +235,32 @@ class Reviewer:
 
 
 class Printer:
-    """Short lines, flushed at once (the story must keep pace with what happens)."""
+    """Short lines, flushed at once (the story must keep pace with what happens).
+
+    When the reader goes away (``bastion demo | head``) the demo still runs to the end and
+    cleans up; it just stops talking.
+    """
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
+        self.gone = False
 
     def line(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+        if self.gone:
+            return
+        try:
+            self.out.write(text + "\n")
+            self.out.flush()
+        except BrokenPipeError:
+            self.gone = True
+            self._silence()
+
+    def _silence(self) -> None:
+        """Point the stream at /dev/null, so that the interpreter's final flush does not fail too."""
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.out.fileno())
+            os.close(devnull)
 
     def heading(self, text: str) -> None:
         self.line()
@@ -318,11 +332,11 @@ def command_name() -> str:
 
 
 class Demo:
-    def __init__(self, options: DemoOptions, bin_dir: Path, state_dir: Path, *, owns_state_dir: bool, out: TextIO) -> None:
+    def __init__(self, options: DemoOptions, bin_dir: Path, state_dir: Path | None, *, out: TextIO) -> None:
         self.options = options
         self.bin_dir = bin_dir
-        self.state_dir = state_dir
-        self.owns_state_dir = owns_state_dir
+        self.requested_state_dir = state_dir  # the user's --state-dir (kept), or None: a temporary one
+        self.state_dir: Path | None = None  # once created
         self.say = Printer(out)
         self.observer = Observer()
         self.cluster: pgcluster.Cluster | None = None
@@ -387,6 +401,11 @@ class Demo:
         )
 
         # Bastion's files, keys and the gateway
+        if self.requested_state_dir is None:
+            self.state_dir = Path(tempfile.mkdtemp(prefix="bastion-demo-"))
+        else:
+            self.requested_state_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir = self.requested_state_dir
         state = files.write_state(self.state_dir, upstream=f"{cluster.host}:{cluster.port}", app_password=app_password)
         say.line(f"* Bastion's state (configuration, policy, keys, audit trail, approvals) is in {state.directory}")
         say.detail(f"policies: hipaa-baseline (guardrails and masks, shipped) + {files.BUNDLE_FILE} (this demo's grant and review)")
@@ -451,11 +470,12 @@ class Demo:
         if self.cluster is not None:
             pgcluster.stop(self.cluster)
             removed.append(str(self.cluster.base_dir))
-        if self.owns_state_dir:
+        temporary_state = self.state_dir is not None and self.requested_state_dir is None
+        if temporary_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             removed.append(str(self.state_dir))
         if self.cluster is not None:
-            kept = "" if self.owns_state_dir else f"; Bastion's state is kept in {self.state_dir}"
+            kept = f"; Bastion's state is kept in {self.state_dir}" if self.state_dir is not None and not temporary_state else ""
             self.say.line(f"* Cleaned up: PostgreSQL stopped, removed {', '.join(removed)}{kept}.")
 
     # --- steps ------------------------------------------------------------------------------------
@@ -612,11 +632,12 @@ class Demo:
         raise DemoError(f"the audit trail did not write the session's records within {RECORD_DEADLINE:.0f}s")
 
     async def _bastion_command(self, *argv: str) -> int:
-        """Run a ``bastion`` sub-command in this process (same code as the command line)."""
-        from bastion.core import cli
-
+        """Run a ``bastion`` sub-command in this process (same code as the command line) and show
+        what it printed."""
         self.say.detail(f"$ {self.bastion} {shlex.join(argv)}", indent="  ")
-        return await trio.to_thread.run_sync(cli.main, list(argv))
+        status, output = await trio.to_thread.run_sync(_run_cli_captured, list(argv))
+        self.say.detail(output.rstrip("\n"), indent="")
+        return status
 
     def _print_try_it(self, state: files.StateFiles, listen: Any, admin: Any, ci_key: str, reviewer_key: str, session_id: str) -> None:
         say = self.say
@@ -671,7 +692,8 @@ def _abbreviated(key: str) -> str:
 
 
 def _run_cli_captured(argv: list[str]) -> tuple[int, str]:
-    """``bastion <argv>`` in this process, its standard output captured (for ``tokens add``)."""
+    """``bastion <argv>`` in this process, its standard output captured. Only one runs at a time
+    and nothing else of the demo writes to ``sys.stdout`` (the printer keeps its own stream)."""
     from bastion.core import cli
 
     buffer = io.StringIO()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shlex
 from pathlib import Path
 
 import attrs
@@ -20,6 +22,8 @@ CONFIG_FILE = "bastion.toml"
 BUNDLE_FILE = "clinic-demo.toml"  # its stem, "clinic-demo", prefixes the rule ids it defines
 TOKENS_FILE = "tokens.toml"
 UPSTREAM_PASSWORD_FILE = "clinic-db.password"
+SIGNING_KEY_FILE = "audit-signing.key"
+SIGNING_KEY_SEED_BYTES = 32  # an Ed25519 seed, written as 64 hex digits (audit.signing_key takes that)
 BASELINE_BUNDLE = SHIPPED_BUNDLES_DIR / "hipaa-baseline.toml"
 SECRET_FILE_MODE = 0o600
 
@@ -83,8 +87,10 @@ CONFIG_TEMPLATE = """\
 state_dir = "."                      # the audit trail, approvals, keys: all in this directory
 admin_listen = "127.0.0.1:0"         # any free port; the demo prints the one it got
 policies = [
-    {baseline},  # guardrails and masks; grants nothing
-    "{bundle}",                       # who may do what here
+    # the guardrails and masks shipped with Bastion; it grants nothing
+    {baseline},
+    # who may do what here: the demo's grant, its review of bulk exports, a mask for cards
+    "{bundle}",
 ]
 shutdown_grace = "2s"                # the demo's sessions are its own: no need to wait long
 
@@ -105,6 +111,7 @@ password = {{ file = "{password_file}" }}   # the callers never see it
 
 [audit]
 record_rows = {recorded_rows}
+signing_key = {{ file = "{signing_key_file}" }}   # signs each sealed segment of the trail
 """
 
 
@@ -123,19 +130,24 @@ def _toml_string(text: str) -> str:
     return json.dumps(text)
 
 
+def _write_secret(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_FILE_MODE)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def write_state(directory: Path, *, upstream: str, app_password: str) -> StateFiles:
-    """Write the configuration, the bundle and the upstream password file into ``directory``."""
+    """Write the configuration, the bundle, the upstream password and the audit signing key
+    (both secrets in files only the owner reads) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / CONFIG_FILE
     bundle = directory / BUNDLE_FILE
     bundle.write_text(BUNDLE_TEXT, encoding="utf-8")
-    password_path = directory / UPSTREAM_PASSWORD_FILE
-    descriptor = os.open(password_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_FILE_MODE)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(app_password)
+    _write_secret(directory / UPSTREAM_PASSWORD_FILE, app_password)
+    _write_secret(directory / SIGNING_KEY_FILE, secrets.token_hex(SIGNING_KEY_SEED_BYTES))
     config.write_text(
         CONFIG_TEMPLATE.format(
-            config=config,
+            config=shlex.quote(str(config)),
             baseline=_toml_string(str(BASELINE_BUNDLE)),
             bundle=BUNDLE_FILE,
             tokens=TOKENS_FILE,
@@ -145,6 +157,7 @@ def write_state(directory: Path, *, upstream: str, app_password: str) -> StateFi
             role=APP_ROLE,
             password_file=UPSTREAM_PASSWORD_FILE,
             recorded_rows=RECORDED_ROWS_PER_RESULT,
+            signing_key_file=SIGNING_KEY_FILE,
         ),
         encoding="utf-8",
     )
