@@ -51,8 +51,6 @@ from bastion.core.config import ConfigError
 from bastion.core.errors import GatewayError
 from bastion.core.hookspecs import hookimpl
 
-log = logging.getLogger("bastion.demo")
-
 # The whole scripted extract, approval included, must finish within this; a hung step fails the
 # demo (and its cleanup still runs) instead of hanging the terminal.
 SCENARIO_DEADLINE = 120.0
@@ -79,6 +77,7 @@ DELETE_STATEMENT = "DELETE FROM patients"
 EXPORT_QUERY = "SELECT mrn, date_of_birth, zip, ssn, email FROM patients ORDER BY id"
 BILLING_QUERY = "SELECT patient_id, amount, card_number FROM billing LIMIT 5"
 APPROVAL_COMMENT = "Quarterly registry submission, ticket PRIV-2041"
+INSUFFICIENT_PRIVILEGE = "42501"  # the SQLSTATE of every statement Bastion refuses
 
 
 class DemoError(Exception):
@@ -90,13 +89,22 @@ class DemoError(Exception):
 EXPECTED_FAILURES = (DemoError, pgcluster.ClusterError, GatewayError, ConfigError, psycopg.Error, httpx.HTTPError)
 
 
+def _enough_patients(instance: Any, attribute: Any, value: int) -> None:
+    if value <= files.BULK_EXPORT_ROWS:
+        raise ValueError(f"the demo needs more than {files.BULK_EXPORT_ROWS} patients, or its bulk export is never held for review")
+
+
 @attrs.frozen
 class DemoOptions:
+    """``keep``: stay up until a signal; ``state_dir``: the user's directory for Bastion's files
+    (kept afterwards); ``pg_bin_dir``: where initdb and pg_ctl are; ``seed`` and ``patients``:
+    which synthetic clinic (tests regenerate it from the same values)."""
+
     keep: bool = False
     state_dir: Path | None = None
     pg_bin_dir: Path | None = None
     seed: int = demo_data.DEFAULT_SEED
-    patients: int = demo_data.DEFAULT_PATIENTS
+    patients: int = attrs.field(default=demo_data.DEFAULT_PATIENTS, validator=_enough_patients)
 
 
 def run(options: DemoOptions, out: TextIO | None = None) -> int:
@@ -148,10 +156,12 @@ class Observer:
 
     def __init__(self) -> None:
         self.events: list[events.AuditEvent] = []
+        self.listening = True
 
     @hookimpl
     def bastion_record(self, event: events.AuditEvent) -> None:
-        self.events.append(event)
+        if self.listening:  # after the script (--keep) the trail alone keeps what happens
+            self.events.append(event)
 
     def of(self, cls: type, session_id: str | None = None) -> list[Any]:
         return [e for e in self.events if isinstance(e, cls) and (session_id is None or e.session_id == session_id)]
@@ -427,6 +437,7 @@ class Demo:
 
         # the record
         await self._wait_until_written()
+        self.observer.listening = False
         say.heading("What the audit trail kept of that session (masked rows, decisions, the approval):")
         await self._bastion_command("sessions", "replay", "-c", str(state.config), session_id)
         if not self.options.keep:
@@ -553,8 +564,8 @@ class Demo:
         return session_id
 
     def _print_refusal(self, result: Result) -> None:
-        if not result.refused:
-            raise DemoError("a statement the policy refuses was let through")
+        if result.error_code != INSUFFICIENT_PRIVILEGE:
+            raise DemoError(f"a statement the policy refuses was not refused by Bastion ({result.error_code or 'it ran'}: {result.error})")
         self.say.detail(f"psycopg raised SQLSTATE {result.error_code}:")
         self.say.wrapped(f"ERROR:  {result.error}", indent=INDENT + "  ")
         if result.detail:

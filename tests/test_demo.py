@@ -126,6 +126,11 @@ def test_a_state_dir_that_holds_something_is_refused_before_anything_starts(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
 
 
+def test_a_clinic_too_small_for_the_export_review_is_refused() -> None:
+    with pytest.raises(ValueError, match="more than 1000 patients"):
+        demo.DemoOptions(patients=demo_config.BULK_EXPORT_ROWS)
+
+
 def test_the_command_is_registered() -> None:
     result = subprocess.run([sys.executable, "-m", "bastion.core.cli", "demo", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
