@@ -1,11 +1,20 @@
 """The audit trail at run time: group-committed local log, sinks fed from it.
 
-The gateway calls :meth:`AuditTrail.record` for every event. Events go through a bounded queue to
-one writer task, which appends whatever has queued up as one batch and covers it with one fsync
-(group commit), in a worker thread so the event loop keeps queueing the next batch meanwhile. A
-``durable=True`` caller returns only once its record is on disk; under ``audit.fail_closed`` a
-record that cannot be written raises :class:`AuditUnavailable`, and the session refuses the
+The gateway calls :meth:`AuditTrail.record` for every event. The event becomes plain data at once
+and waits in a bounded queue for one writer task, which appends whatever has queued up as one
+batch — on the event loop's thread: appending is CPU (msgpack, SHA-256, compression) and one
+``write`` into the page cache. Only an fsync leaves the loop, to one long-lived thread (the
+*lane*, which also seals segments), and one fsync covers every record written before it (group
+commit): while it runs, the next batch queues up. A ``durable=True`` caller returns once its
+record is as safe as ``fsync`` says (see :class:`LocalLogSettings`); under ``audit.fail_closed`` a
+record that cannot be made so raises :class:`AuditUnavailable`, and the session refuses the
 statement.
+
+Records nobody waits for (responses, rows, session ends) are not written one by one: they ride
+along with the next durable record, or are written once they have waited ``WRITE_DELAY``, or
+once a block's worth has queued up. A statement's three records thus usually cost one write and
+one fsync between them, and the thread hand-off (tens of µs of CPU) is paid once per fsync, not
+once per record.
 
 The local log (see :mod:`bastion.core.auditlog`) is the source of truth. Every other sink —
 SQLite index, PostgreSQL, NATS — is fed by its own forwarder task that reads the log's files from
@@ -19,7 +28,11 @@ whose seq is later reused, and no sink may ever have seen it.
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,15 +51,27 @@ log = logging.getLogger("bastion.audit")
 # Events waiting for the writer. Bounded so a stalled disk slows callers down (backpressure) rather
 # than growing memory; 1024 absorbs a burst from many sessions between two fsyncs.
 QUEUE_CAPACITY = 1024
-# The most records one write/fsync covers, so one thread call (and one failed batch) stays bounded.
+# The most records one write/fsync covers, so one append (and one failed batch) stays bounded.
 MAX_BATCH_RECORDS = 1024
+# The longest a record nobody waits for stays queued before it is written (to the OS), unless a
+# durable record or a full block takes it sooner. Short enough that a process crash loses at most
+# this much of them; long enough that a statement's response and rows wait for the next
+# statement's record and share its write, compressor and fsync.
+WRITE_DELAY = 0.01
+# Queued records nobody waits for that are written without waiting for WRITE_DELAY: one block's
+# worth, the most one compressor is set up for anyway.
+WRITE_THRESHOLD = auditlog.MAX_BLOCK_RECORDS
 # On cancellation or close, how long the writer keeps flushing what is queued and sealing the
 # segment. Below the gateway's 5 s cleanup deadline, which also covers the final records.
 FLUSH_DEADLINE = 3.0
 # After close, how long forwarders get to hand sinks the last records; missed ones go next start.
 FINAL_FORWARD_DEADLINE = 1.0
-# With fsync = "durable", the longest a non-durable record may wait for an fsync.
+# With fsync = "durable", the longest a record nobody waited for may go without an fsync.
 DURABLE_FSYNC_INTERVAL = 1.0
+# With fsync = "interval", the default time between fsyncs: what a power loss can take. PostgreSQL's
+# synchronous_commit = off risks a few hundred ms the same way; 100 ms keeps the fsync's cost (one
+# thread hand-off) far below a busy gateway's per-statement work.
+DEFAULT_FSYNC_INTERVAL_MS = 100
 # Reopening the local log after a failure (full disk, I/O error): first retry, then at most.
 REOPEN_RETRY_MIN, REOPEN_RETRY_MAX = 0.1, 5.0
 # Records handed to a sink per write call: big enough to amortise a round trip, small enough
@@ -56,25 +81,59 @@ SINK_BATCH = 500
 SINK_CALL_TIMEOUT = 30.0
 # Backoff between attempts on a failing sink.
 SINK_RETRY_MIN, SINK_RETRY_MAX = 0.2, 30.0
-FSYNC_MODES = ("always", "durable")
+FSYNC_MODES = ("always", "durable", "interval")
+DEFAULT_FSYNC_MODE = "durable"
 DEFAULT_SLOT = "main"
+# What one ring of a doorbell writes: an eventfd takes exactly 8 bytes (a counter increment)
+DOORBELL_RING = (1).to_bytes(8, sys.byteorder)
+# Enough to empty a doorbell in one read, however many rings a pipe collected
+DOORBELL_DRAIN_BYTES = 4096
 
 
 class AuditUnavailable(Exception):
     """The local audit log cannot record (disk full, I/O error, closed). Refuse the statement."""
 
 
+FSYNC_DOC = """``fsync`` says when the local log calls fsync, and so what a ``durable=True`` record —
+a statement's, which the gateway waits for before it forwards the statement — survives once its
+caller goes on:
+
+* ``"durable"`` (the default): a batch holding a durable record is fsynced before those callers
+  return, so an acknowledged statement's record survives a power loss. Records nobody waits for
+  (responses, result rows, session ends) are written to the OS within ``WRITE_DELAY`` (10 ms) or
+  with the next durable record, and fsynced with the next durable batch or within
+  ``DURABLE_FSYNC_INTERVAL`` (1 s): a process crash (kill -9) can lose the last 10 ms of them, a
+  power loss the last second.
+* ``"interval"``: a durable record is acknowledged once it is written to the OS (the ``write``
+  returned), not once it is fsynced; fsync runs every ``fsync_interval_ms`` (default 100) while
+  something is unsynced. A process crash (kill -9, the OOM killer) loses no acknowledged record:
+  the kernel has it. A power loss, kernel crash or failing disk can lose the last
+  ``fsync_interval_ms`` of records, those of statements that were already forwarded included, so
+  the trail may then lack statements that ran; the next start seals what survived and continues
+  the chain after it, and no sink has seen a lost record (sinks get fsynced records only). An
+  fsync that fails marks the log unhealthy (statements are refused from then on) and the damage
+  record written at reopen names the first record whose durability was not confirmed. Costs no
+  thread hand-off per statement, only one per interval.
+* ``"always"``: every batch, durable or not, is fsynced before the next is written and before
+  its durable callers return; no record waits for a write. The most fsyncs, for deployments that
+  want responses and rows as safe as statements.
+"""
+
+
 @attrs.frozen
 class LocalLogSettings:
     """Where and how the local log is written; the ``file`` sink kind sets it.
 
-    ``fsync``: ``"always"`` — every batch is fsynced before any of it is acknowledged (group
-    commit); ``"durable"`` — only batches holding a ``durable=True`` record are fsynced at once,
-    others within ``DURABLE_FSYNC_INTERVAL``.
+    ``directory``: the audit directory (default ``<state_dir>/audit``). ``fsync_interval_ms``:
+    used by ``fsync = "interval"`` only.
     """
 
     directory: Path | None = None
-    fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_MODES))
+    fsync: str = attrs.field(default=DEFAULT_FSYNC_MODE, validator=attrs.validators.in_(FSYNC_MODES))
+    fsync_interval_ms: int = attrs.field(default=DEFAULT_FSYNC_INTERVAL_MS, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)])
+
+
+LocalLogSettings.__doc__ = f"{LocalLogSettings.__doc__}\n{FSYNC_DOC}"
 
 
 @attrs.frozen
@@ -93,11 +152,11 @@ class AuditStatistics:
     chain: str
     slot: str
     records: int  # written by this process
-    durable_waits: int  # records whose caller waited for fsync
-    batches: int
+    durable_waits: int  # records whose caller waited for them
+    batches: int  # appends (one write call each)
     fsyncs: int
     bytes: int  # written to segments (compressed, with framing)
-    queue_length: int
+    queue_length: int  # records waiting for the writer
     queue_capacity: int
     committed_seq: int  # last seq known to be on disk
     segment: int
@@ -146,13 +205,134 @@ def load_key(settings: AuditSection, directory: Path, signing_key: bytes | None,
     return auditlog.generated_signing_key(directory)
 
 
-@attrs.define
 class _Pending:
-    type: str
-    event: dict[str, Any]
-    durable: bool
-    done: trio.Event | None = None
-    error: BaseException | None = None
+    """One queued event: its plain data and, for a durable caller, what it waits on."""
+
+    __slots__ = ("type", "event", "durable", "done", "error")
+
+    def __init__(self, record_type: str, event: dict[str, Any], durable: bool) -> None:
+        self.type = record_type
+        self.event = event
+        self.durable = durable
+        self.done: trio.Event | None = trio.Event() if durable else None
+        self.error: BaseException | None = None
+
+
+class _Doorbell:
+    """A file descriptor one thread rings and another waits on: an eventfd where the OS has one
+    (one descriptor, rings add up in a counter), otherwise a pipe."""
+
+    def __init__(self, *, blocking: bool, use_eventfd: bool = hasattr(os, "eventfd")) -> None:
+        if use_eventfd:
+            descriptor = os.eventfd(0, 0 if blocking else os.EFD_NONBLOCK)
+            self._read_end, self._write_end = descriptor, descriptor
+        else:
+            self._read_end, self._write_end = os.pipe()
+            os.set_blocking(self._read_end, blocking)
+
+    def fileno(self) -> int:
+        return self._read_end
+
+    def ring(self) -> None:
+        os.write(self._write_end, DOORBELL_RING)
+
+    def wait(self) -> None:
+        """Block until rung (a blocking doorbell)."""
+        os.read(self._read_end, DOORBELL_DRAIN_BYTES if self._read_end == self._write_end else len(DOORBELL_RING))
+
+    def clear(self) -> None:
+        """Forget the rings so far (a non-blocking doorbell)."""
+        try:
+            os.read(self._read_end, DOORBELL_DRAIN_BYTES)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self._read_end)
+        if self._write_end != self._read_end:
+            os.close(self._write_end)
+
+
+class _Lane:
+    """One long-lived thread that runs the writer's blocking calls (fsync, opening and sealing
+    segments) one at a time, handed over and back through two doorbells.
+
+    Not ``trio.to_thread.run_sync`` per call: on the machines measured that hand-off costs about
+    three times the CPU of a doorbell round trip (benchmarks/audit_bench.py), and a durable
+    statement needs one per fsync.
+    """
+
+    def __init__(self, *, use_eventfd: bool = hasattr(os, "eventfd")) -> None:
+        self._use_eventfd = use_eventfd
+        self._to_thread: _Doorbell | None = None
+        self._to_trio: _Doorbell | None = None
+        self._thread: threading.Thread | None = None
+        self._call: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+        self._finished = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._to_thread = _Doorbell(blocking=True, use_eventfd=self._use_eventfd)
+        self._to_trio = _Doorbell(blocking=False, use_eventfd=self._use_eventfd)
+        # a daemon: a thread stuck in the fsync of a dead disk must not keep the process alive
+        self._thread = threading.Thread(target=self._serve, args=(self._to_thread, self._to_trio), name="bastion-audit-lane", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread (only while no call is under way). The thread closes its own doorbell."""
+        if self._thread is None or self._to_thread is None or self._to_trio is None:
+            return
+        self._call = None
+        self._to_thread.ring()
+        trio.lowlevel.notify_closing(self._to_trio.fileno())
+        self._to_trio.close()
+        self._thread = self._to_thread = self._to_trio = None
+
+    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the lane's thread: its result, or its exception raised here.
+
+        Never abandoned, like ``trio.to_thread.run_sync`` without ``abandon_on_cancel``: when
+        cancelled meanwhile this still waits for the call and returns its outcome (which must
+        reach whoever waits for the batch); the cancellation is raised at the caller's next
+        checkpoint, its scope being still cancelled.
+        """
+        if self._to_thread is None or self._to_trio is None:
+            raise auditlog.AuditLogError("the audit writer's thread is not running")
+        self._finished, self._value, self._error = False, None, None
+        self._call = (function, args)
+        self._to_thread.ring()
+        try:
+            await self._until_finished()
+        except trio.Cancelled:  # not lost: see the docstring
+            with trio.CancelScope(shield=True):
+                await self._until_finished()
+        value, error = self._value, self._error
+        self._value = self._error = None
+        if error is not None:
+            raise error
+        return value
+
+    async def _until_finished(self) -> None:
+        assert self._to_trio is not None
+        while not self._finished:  # a ring left from an earlier call only costs one more look
+            await trio.lowlevel.wait_readable(self._to_trio.fileno())
+            self._to_trio.clear()
+
+    def _serve(self, to_thread: _Doorbell, to_trio: _Doorbell) -> None:
+        while True:
+            to_thread.wait()
+            call = self._call
+            if call is None:
+                to_thread.close()
+                return
+            function, args = call
+            try:
+                self._value = function(*args)
+            except BaseException as exc:  # handed to the caller in trio, which raises it
+                self._error = exc
+            self._finished = True
+            to_trio.ring()
 
 
 class AuditTrail:
@@ -200,11 +380,25 @@ class AuditTrail:
         if len(set(names)) != len(names):
             raise ValueError(f"audit sinks need distinct names, got {names}")
         self._forwarders = [_Forwarder(self, sink, sink_retry_max) for sink in sinks if getattr(sink, "local_log", None) is None]
-        self._send, self._receive = trio.open_memory_channel[_Pending](QUEUE_CAPACITY)
+        # what each fsync mode means for the writer (see FSYNC_DOC)
+        self._write_at_once = self.local_log.fsync == "always"  # no record waits for WRITE_DELAY
+        self._sync_every_batch = self.local_log.fsync == "always"
+        self._sync_durable_batches = self.local_log.fsync in ("always", "durable")
+        self._sync_interval = self.local_log.fsync_interval_ms / 1000 if self.local_log.fsync == "interval" else DURABLE_FSYNC_INTERVAL
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_durable = 0
+        self._first_queued_at = 0.0  # trio time the oldest queued record came in
+        self._unsynced_since: float | None = None  # trio time of the oldest write not yet fsynced
+        self._room: trio.Event | None = None  # set when a full queue has room again
+        self._work = trio.Event()  # wakes the writer
+        self._writer_pass = trio.Event()  # set after each pass of the writer (the ticker waits on it)
+        self._ticker_idle = False
+        self._ticker_wake = trio.Event()
+        self._ticker_sleep: trio.CancelScope | None = None  # the ticker's sleep, until its next deadline
+        self._lane = _Lane()
         self._key: Any = None
         self._lock: auditlog.SlotLock | None = None
         self._writer: auditlog.LogWriter | None = None
-        self._held: list[_Pending] = []  # non-durable records taken off the queue while the log was down
         self._healthy = True
         self._started = False
         self._closing = False
@@ -214,7 +408,6 @@ class AuditTrail:
         self._progress = trio.Event()  # replaced after every commit: forwarders wait on it
         self._committed_seq = 0
         self._unconfirmed_from: int | None = None
-        self._last_sync = 0.0
         self.warnings: tuple[auditlog.RecoveryWarning, ...] = ()
         self.public_key: bytes = b""
         self.key_generated = False
@@ -227,7 +420,11 @@ class AuditTrail:
     # --- the caller's side ---------------------------------------------------------------------
 
     async def record(self, event: AuditEvent, *, durable: bool = False) -> None:
-        """Queue ``event``; with ``durable`` return only once it is fsynced (see class docs)."""
+        """Queue ``event``; with ``durable`` return only once it is as safe as the fsync mode says.
+
+        Without ``durable`` this returns at once while the queue has room (no checkpoint): the
+        record is written within ``WRITE_DELAY``. When the queue is full it waits for room.
+        """
         if self._closing:
             self._unavailable("the audit trail is closed", event)
             return
@@ -235,12 +432,15 @@ class AuditTrail:
             self._unavailable(f"the audit log cannot write ({self._last_error})", event)
             return
         data = event_to_dict(event)
-        pending = _Pending(data.pop("type"), data, durable, trio.Event() if durable else None)
-        try:
-            await self._send.send(pending)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self._unavailable("the audit trail is closed", event)
-            return
+        while len(self._queue) >= QUEUE_CAPACITY:
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+            if self._closing or not self._healthy:
+                self._unavailable("the audit trail is closed" if self._closing else f"the audit log cannot write ({self._last_error})", event)
+                return
+        pending = _Pending(data.pop("type"), data, durable)
+        self._enqueue(pending)
         self._notify(event)
         if pending.done is None:
             return
@@ -249,6 +449,27 @@ class AuditTrail:
             if self.settings.fail_closed:
                 raise AuditUnavailable(f"the audit log could not make the record durable: {pending.error}") from pending.error
             log.error("audit record not confirmed durable (%s); continuing because audit.fail_closed is false", pending.error)
+
+    def _enqueue(self, pending: _Pending) -> None:
+        queue = self._queue
+        was_empty = not queue
+        if was_empty:
+            self._first_queued_at = trio.current_time()
+        queue.append(pending)
+        if pending.durable:
+            self._queued_durable += 1
+        if pending.durable or self._write_at_once or len(queue) >= WRITE_THRESHOLD:
+            self._work.set()
+        elif was_empty:
+            self._arm_ticker(self._first_queued_at + WRITE_DELAY)
+
+    def _arm_ticker(self, deadline: float) -> None:
+        """Make sure the ticker looks again by ``deadline`` (cheap when it already will)."""
+        if self._ticker_idle:
+            self._ticker_idle = False
+            self._ticker_wake.set()
+        elif self._ticker_sleep is not None and deadline < self._ticker_sleep.deadline:
+            self._ticker_sleep.deadline = deadline
 
     def _unavailable(self, reason: str, event: AuditEvent) -> None:
         if self.settings.fail_closed:
@@ -288,7 +509,7 @@ class AuditTrail:
             batches=self._stats["batches"],
             fsyncs=self._fsyncs + (writer.fsyncs if writer else 0),
             bytes=self._bytes + (writer.bytes if writer else 0),
-            queue_length=self._receive.statistics().current_buffer_used,
+            queue_length=len(self._queue),
             queue_capacity=QUEUE_CAPACITY,
             committed_seq=self._committed_seq,
             segment=writer.segment if writer else 0,
@@ -309,6 +530,7 @@ class AuditTrail:
         if self._started:
             raise RuntimeError("AuditTrail.run may be called once")
         self._started = True
+        self._lane.start()
         try:
             try:
                 await self._open()
@@ -319,10 +541,12 @@ class AuditTrail:
                 log.error("cannot open the audit log in %s (%s); serving unrecorded because audit.fail_closed is false", self.directory, exc)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._tick_loop, self._writer_done)
                 nursery.start_soon(self._run_forwarders)
                 task_status.started()
         finally:
             self._finished.set()
+            self._lane.stop()
             if self._lock is not None:
                 self._lock.release()
 
@@ -331,7 +555,8 @@ class AuditTrail:
         if not self._closing:
             self._closing = True
             self._close_requested.set()
-            self._send.close()
+            self._work.set()
+            self._let_waiters_in()
         if not self._started:
             return
         with trio.move_on_after(FLUSH_DEADLINE + 1.0) as scope:
@@ -353,16 +578,16 @@ class AuditTrail:
     # --- the writer ------------------------------------------------------------------------------------
 
     async def _open(self) -> None:
-        writer = await trio.to_thread.run_sync(self._open_sync)
+        writer = await self._lane.run(self._open_sync)
         self._writer = writer
         self._unconfirmed_from = None
         self._committed_seq = writer.next_seq - 1
-        self._last_sync = self._clock()
+        self._unsynced_since = None
         self._healthy = True
         self._wake_forwarders()
 
     def _open_sync(self) -> auditlog.LogWriter:
-        """Blocking (runs in a worker thread): key, slot lock, recovery, new segment."""
+        """Blocking (runs in the lane's thread): key, slot lock, recovery, new segment."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._key is None:
             self._key, self.key_generated = load_key(self.settings, self.directory, self._signing_key_material, self._resolve_secret)
@@ -391,22 +616,73 @@ class AuditTrail:
     def _fail(self, exc: BaseException) -> None:
         self._healthy = False
         self._last_error = f"{type(exc).__name__}: {exc}"
+        self._let_waiters_in()
+
+    def _let_waiters_in(self) -> None:
+        """Wake callers waiting for room, to find the trail closed or failed (or room)."""
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def _write_due(self, now: float) -> bool:
+        queue = self._queue
+        if not queue:
+            return False
+        return bool(self._queued_durable) or self._write_at_once or self._closing or len(queue) >= WRITE_THRESHOLD or now >= self._first_queued_at + WRITE_DELAY
+
+    def _sync_due(self, now: float) -> bool:
+        return self._unsynced_since is not None and (self._closing or now >= self._unsynced_since + self._sync_interval)
+
+    def _next_deadline(self) -> float | None:
+        """When the ticker must next look: the oldest queued record's write, the oldest write's fsync."""
+        deadlines = []
+        if self._queue:
+            deadlines.append(self._first_queued_at + WRITE_DELAY)
+        if self._unsynced_since is not None:
+            deadlines.append(self._unsynced_since + self._sync_interval)
+        return min(deadlines, default=None)
+
+    async def _tick_loop(self, writer_done: trio.Event) -> None:
+        """Wakes the writer when a queued record has waited WRITE_DELAY or a write needs its fsync.
+
+        One task sleeping until the next deadline, rather than the writer waiting with a timeout
+        every time: under steady load it wakes once per deadline, not once per statement.
+        """
+        while not writer_done.is_set():
+            deadline = self._next_deadline()
+            if deadline is None:
+                self._ticker_idle = True
+                self._ticker_wake = trio.Event()
+                await self._ticker_wake.wait()
+                continue
+            with trio.move_on_at(deadline) as self._ticker_sleep:
+                await trio.sleep_forever()
+            self._ticker_sleep = None
+            now = trio.current_time()
+            if self._writer is not None and (self._write_due(now) or self._sync_due(now)):
+                self._writer_pass = trio.Event()
+                self._work.set()
+                await self._writer_pass.wait()
 
     async def _write_loop(self) -> None:
         try:
             while True:
                 if self._writer is None:
                     if self._closing:
-                        self._fail_queued()
-                        self._stats["dropped"] += len(self._held)
-                        self._held = []
+                        self._fail_queued(keep=False)
                         break
                     await self._reopen()
                     continue
-                batch = await self._next_batch()
-                if batch is None:
-                    break
-                await self._commit(batch)
+                now = trio.current_time()
+                write, sync = self._write_due(now), self._sync_due(now)
+                if not write and not sync:
+                    if self._closing:
+                        break
+                    self._work = trio.Event()
+                    await self._work.wait()
+                    continue
+                await self._commit(self._take_batch() if write else [], sync_due=sync)
+                self._writer_pass.set()
                 if self._writer is not None:
                     await self._rotate_if_full()
         finally:
@@ -414,67 +690,60 @@ class AuditTrail:
                 scope.shield = True
                 await self._drain_and_close()
             self._writer_done.set()
+            # the ticker ends: wherever it waits, it finds the writer done
+            self._writer_pass.set()
+            self._ticker_wake.set()
+            if self._ticker_sleep is not None:
+                self._ticker_sleep.cancel()
             self._wake_forwarders()
 
-    async def _next_batch(self) -> list[_Pending] | None:
-        """What has queued up (at least one record), or None when the queue is closed and empty."""
-        batch, self._held = self._held, []
-        if not batch:
-            if self.local_log.fsync == "durable" and self._writer is not None and self._writer.statistics().next_seq - 1 > self._committed_seq:
-                with trio.move_on_after(max(0.0, self._last_sync + DURABLE_FSYNC_INTERVAL - self._clock())):
-                    try:
-                        batch.append(await self._receive.receive())
-                    except trio.EndOfChannel:
-                        return None
-                if not batch:
-                    return []  # interval passed: _commit syncs what is pending
-            else:
-                try:
-                    batch.append(await self._receive.receive())
-                except trio.EndOfChannel:
-                    return None
-        while len(batch) < MAX_BATCH_RECORDS:
-            try:
-                batch.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+    def _take_batch(self) -> list[_Pending]:
+        queue = self._queue
+        count = min(len(queue), MAX_BATCH_RECORDS)
+        batch = [queue.popleft() for _ in range(count)]
+        if self._queued_durable:
+            self._queued_durable -= sum(1 for pending in batch if pending.durable)
+        if queue:
+            self._first_queued_at = trio.current_time()
+        self._let_waiters_in()
         return batch
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending], *, sync_due: bool = False) -> None:
+        """Append ``batch`` here on the loop's thread, fsync in the lane when due, tell the waiters."""
         writer = self._writer
         assert writer is not None
-        sync = self.local_log.fsync == "always" or any(p.durable for p in batch) or not batch or self._clock() - self._last_sync >= DURABLE_FSYNC_INTERVAL
-        entries = [(p.type, p.event) for p in batch]
         first_seq = writer.next_seq
-        result: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                records = writer.append(entries) if entries else []
-                if sync:
-                    writer.sync()
-                result["records"] = records
-            except BaseException as exc:  # reported to every waiter of the batch below
-                result["error"] = exc
-
+        written: list[Any] = []
+        error: BaseException | None = None
+        synced = False
         try:
-            # not abandonable: the batch's outcome must reach its waiters even when we are cancelled
-            await trio.to_thread.run_sync(work)
+            if batch:
+                written = writer.append([(p.type, p.event) for p in batch])
+                if self._unsynced_since is None:
+                    self._unsynced_since = trio.current_time()
+            durable = any(p.durable for p in batch)
+            if sync_due or (batch and self._sync_every_batch) or (durable and self._sync_durable_batches):
+                await self._lane.run(writer.sync)
+                synced = True
+        except Exception as exc:  # OSError, AuditLogError, or a bug: every waiter of the batch is told below
+            error = exc
         finally:
-            self._settle(batch, result, sync, first_seq)
+            # whatever happened, every waiter of the batch hears of it
+            if error is None and len(written) != len(batch):
+                error = AuditUnavailable("the write was interrupted")
+            self._settle(batch, written, error, synced, first_seq)
 
-    def _settle(self, batch: list[_Pending], result: dict[str, Any], synced: bool, first_seq: int) -> None:
+    def _settle(self, batch: list[_Pending], written: list[Any], error: BaseException | None, synced: bool, first_seq: int) -> None:
         writer = self._writer
-        error = result.get("error")
-        if error is None and "records" not in result:
-            error = AuditUnavailable("the write was interrupted")
         if error is None:
-            written = result["records"]
             self._stats["batches"] += 1 if batch else 0
             if synced and writer is not None:
                 self._committed_seq = writer.next_seq - 1
-                self._last_sync = self._clock()
+                self._unsynced_since = None
                 self._wake_forwarders()
+            deadline = self._next_deadline()
+            if deadline is not None:
+                self._arm_ticker(deadline)
             for pending, record in zip(batch, written):
                 if record is None:  # this event alone could not be encoded: its caller is told
                     self._stats["dropped"] += 1
@@ -482,7 +751,7 @@ class AuditTrail:
                     pending.error = AuditUnavailable(f"the {pending.type} event could not be encoded")
                 else:
                     self._stats["records"] += 1
-                    self._stats["durable"] += pending.done is not None
+                    self._stats["durable"] += pending.durable
                 if pending.done is not None:
                     pending.done.set()
             return
@@ -496,7 +765,10 @@ class AuditTrail:
             else:
                 self._stats["dropped"] += 1
         if writer is not None:
-            self._unconfirmed_from = first_seq if batch else None
+            # after a failed write the records before the batch are intact (recovery fsyncs them);
+            # after a failed fsync nothing since the last good one is known to be on disk
+            failed_write = bool(batch) and len(written) != len(batch)
+            self._unconfirmed_from = first_seq if failed_write else self._committed_seq + 1
             self._retire_writer(writer)
 
     def _retire_writer(self, writer: auditlog.LogWriter) -> None:
@@ -505,12 +777,13 @@ class AuditTrail:
         self._bytes += statistics.bytes
         writer.abandon()
         self._writer = None
+        self._unsynced_since = None
 
     async def _reopen(self) -> None:
         """Fail what waits, keep what need not, and retry opening until it works."""
         delay = REOPEN_RETRY_MIN
         while self._writer is None and not self._closing:
-            self._fail_queued()
+            self._fail_queued(keep=True)
             try:
                 await self._open()
             except (OSError, auditlog.AuditLogError) as exc:
@@ -522,20 +795,22 @@ class AuditTrail:
             else:
                 log.warning("audit log reopened (segment %d)", self._writer.segment if self._writer else 0)
 
-    def _fail_queued(self) -> None:
-        """While the log is down, durable waiters learn now; non-durable records wait in ``_held``."""
-        while True:
-            try:
-                pending = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return
+    def _fail_queued(self, *, keep: bool) -> None:
+        """While the log is down, durable waiters learn now; records nobody waits for stay queued
+        for the reopened log (``keep``) or are counted as dropped."""
+        kept: collections.deque[_Pending] = collections.deque()
+        while self._queue:
+            pending = self._queue.popleft()
             if pending.done is not None:
-                pending.error = AuditUnavailable(self._last_error)
+                pending.error = AuditUnavailable(self._last_error or "the audit trail is closed")
                 pending.done.set()
-            elif len(self._held) < QUEUE_CAPACITY:
-                self._held.append(pending)
+            elif keep:
+                kept.append(pending)
             else:
                 self._stats["dropped"] += 1
+        self._queue = kept
+        self._queued_durable = 0
+        self._let_waiters_in()
 
     async def _rotate_if_full(self) -> None:
         writer = self._writer
@@ -543,37 +818,31 @@ class AuditTrail:
         if writer.segment_bytes < writer.segment_max_bytes:
             return
         try:
-            await trio.to_thread.run_sync(writer.rotate_if_full)
+            await self._lane.run(writer.rotate_if_full)  # seals with an fsync: everything so far is on disk
+            self._committed_seq = writer.next_seq - 1
+            self._unsynced_since = None
+            self._wake_forwarders()
         except (OSError, auditlog.AuditLogError) as exc:
             self._fail(exc)
             log.error("cannot start a new audit segment: %s", exc)
+            self._unconfirmed_from = self._committed_seq + 1
             self._retire_writer(writer)
 
     async def _drain_and_close(self) -> None:
         """Write what is still queued and seal the segment (runs shielded, under a deadline)."""
         try:
-            while self._writer is not None:
-                batch = self._held
-                self._held = []
-                while len(batch) < MAX_BATCH_RECORDS:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                if not batch:
-                    break
-                await self._commit(batch)
+            while self._writer is not None and self._queue:
+                await self._commit(self._take_batch())
             writer = self._writer
             if writer is not None:
-                await trio.to_thread.run_sync(writer.close)
+                await self._lane.run(writer.close)
                 self._committed_seq = writer.next_seq - 1
         except (OSError, auditlog.AuditLogError) as exc:
             self._fail(exc)
             log.error("could not close the audit log cleanly: %s (the next start recovers it)", exc)
         finally:
             self._closing = True
-            self._send.close()
-            self._fail_queued()
+            self._fail_queued(keep=False)
 
     def _wake_forwarders(self) -> None:
         self._progress.set()

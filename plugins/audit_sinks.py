@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from bastion.core import auditlog
-from bastion.core.audit import FSYNC_MODES, LocalLogSettings
+from bastion.core.audit import DEFAULT_FSYNC_INTERVAL_MS, DEFAULT_FSYNC_MODE, FSYNC_DOC, FSYNC_MODES, LocalLogSettings
 from bastion.core.hookspecs import hookimpl
 from bastion.core.secrets import SecretRef
 from bastion.core.specs import ComponentContext, SinkSpec
@@ -67,12 +67,16 @@ def record_json(record: auditlog.AuditRecord) -> dict[str, Any]:
 
 @attrs.frozen
 class FileOptions:
-    """``directory``: where segments go (default ``<state_dir>/audit``); ``fsync``: ``"always"``
-    (every batch, before it is acknowledged) or ``"durable"`` (only batches a caller waits for,
-    the rest within a second)."""
+    """``directory``: where segments go (default ``<state_dir>/audit``); ``fsync``: ``"durable"``
+    (the default), ``"interval"`` or ``"always"``; ``fsync_interval_ms``: the time between fsyncs
+    with ``fsync = "interval"`` (default 100)."""
 
     directory: Path | None = None
-    fsync: str = attrs.field(default="always", validator=attrs.validators.in_(FSYNC_MODES))
+    fsync: str = attrs.field(default=DEFAULT_FSYNC_MODE, validator=attrs.validators.in_(FSYNC_MODES))
+    fsync_interval_ms: int = attrs.field(default=DEFAULT_FSYNC_INTERVAL_MS, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)])
+
+
+FileOptions.__doc__ = f"{FileOptions.__doc__}\n\n{FSYNC_DOC}"
 
 
 @attrs.define
@@ -84,7 +88,7 @@ class FileSink:
 
     @classmethod
     def from_options(cls, options: FileOptions, context: ComponentContext) -> FileSink:
-        return cls(context.name, LocalLogSettings(directory=options.directory, fsync=options.fsync))
+        return cls(context.name, LocalLogSettings(directory=options.directory, fsync=options.fsync, fsync_interval_ms=options.fsync_interval_ms))
 
     async def open(self) -> None:
         pass

@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import typing
 from pathlib import Path
 
 import attrs
+import cattrs
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -86,6 +88,27 @@ def test_every_event_round_trips_through_the_record_codec(event, seq, prev, at) 
     assert (decoded.chain, decoded.seq, decoded.prev_hash, decoded.at, decoded.type) == ("host.main.0001", seq, prev, at, event.type)
     assert decoded.body == record.body and decoded.hash == record.hash
     assert auditlog.record_from_body(record.body) == record
+    # the writer's fast path packs the very bytes the chain hash was defined over
+    assert auditlog.pack_body("host.main.0001", seq, prev, at, event.type, data) == record.body
+
+
+def generic_converter() -> cattrs.Converter:
+    """cattrs with nothing but the codec's value hooks (sets sorted, datetimes as ISO text): what
+    event_to_dict's fast path must reproduce exactly."""
+    generic = cattrs.Converter()
+    generic.register_unstructure_hook_func(lambda t: t is frozenset or typing.get_origin(t) is frozenset, sorted)
+    generic.register_unstructure_hook(datetime.datetime, lambda value: value.isoformat())
+    return generic
+
+
+GENERIC = generic_converter()
+
+
+@settings(max_examples=300)
+@given(event=any_event)
+def test_event_to_dict_is_exactly_the_generic_unstructuring(event) -> None:
+    expected = {**GENERIC.unstructure(event), "type": event.type}
+    assert repr(events.event_to_dict(event)) == repr(expected)  # same keys, same order, lists where lists were
 
 
 @given(event=any_event, position=st.integers(min_value=0), value=st.integers(1, 255))
@@ -373,6 +396,116 @@ def test_a_segment_without_its_header_is_recovered_from_the_previous_manifest(tm
     assert [r.seq for r in auditlog.iter_records(tmp_path)] == [1, 2, 3, 4]
 
 
+# --- blocks: several records per frame ----------------------------------------------------------
+
+
+def write_blocks(directory: Path, key, sizes: list[int], *, close: bool = True) -> auditlog.LogWriter:
+    """One append (so one write, in blocks) per entry of ``sizes``, each of that many records."""
+    lock = auditlog.SlotLock.acquire(directory, "main")
+    writer, _ = auditlog.LogWriter.open(lock, key, segment_max_bytes=10**7)
+    n = 0
+    for size in sizes:
+        writer.append([request(n + i) for i in range(size)])
+        n += size
+    writer.sync()
+    if close:
+        writer.close()
+        lock.release()
+    return writer
+
+
+def frame_offsets(path: Path) -> list[int]:
+    return sorted({item.offset for item in frames(path)})
+
+
+def test_one_append_is_written_as_blocks_that_read_back_record_by_record(tmp_path: Path, key) -> None:
+    writer = write_blocks(tmp_path, key, [10, 150])
+    path = auditlog.segment_path(tmp_path, "main", writer.segment)
+    scanned = frames(path)
+    assert [item.record.seq for item in scanned] == list(range(1, 161))
+    sizes = [sum(1 for item in scanned if item.offset == offset) for offset in frame_offsets(path)]
+    assert sizes == [10, auditlog.MAX_BLOCK_RECORDS, auditlog.MAX_BLOCK_RECORDS, 150 - 2 * auditlog.MAX_BLOCK_RECORDS]
+    assert [item.ends_frame for item in scanned[:10]] == [False] * 9 + [True]
+    assert [r.to_event().request_no for r in auditlog.iter_records(tmp_path)] == list(range(160))
+    assert auditlog.verify(tmp_path, trusted(key)).ok
+
+
+def test_a_big_record_is_a_block_of_its_own(tmp_path: Path, key) -> None:
+    lock = auditlog.SlotLock.acquire(tmp_path, "main")
+    writer, _ = auditlog.LogWriter.open(lock, key, segment_max_bytes=10**7)
+    big = events.event_to_dict(events.ResultRows(session_id="s", request_no=1, first_row=0, rows=tuple((f"{n:08d}" * 100,) for n in range(400))))
+    writer.append([request(0), (big.pop("type"), big), request(2)])
+    writer.close()
+    path = auditlog.segment_path(tmp_path, "main", writer.segment)
+    assert len(frame_offsets(path)) == 3  # the rows (over MAX_BLOCK_BYTES) did not share a block
+    assert [r.seq for r in auditlog.iter_records(tmp_path)] == [1, 2, 3]
+
+
+def test_an_edited_byte_in_a_block_loses_that_block_only_and_is_found(tmp_path: Path, key) -> None:
+    write_blocks(tmp_path, key, [5, 5, 5])
+    path = auditlog.segment_path(tmp_path, "main", 1)
+    first, second, third = frame_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[third - 3] ^= 0x01  # inside the second block
+    path.write_bytes(bytes(data))
+    assert [r.seq for r in auditlog.iter_records(tmp_path)] == [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]
+    report = auditlog.verify(tmp_path, trusted(key))
+    assert (report.first_problem.kind, report.first_problem.seq, report.first_problem.offset) == ("damaged-record", 6, second)
+
+
+def test_a_deleted_or_moved_block_is_found(tmp_path: Path, key) -> None:
+    write_blocks(tmp_path, key, [5, 5, 5])
+    path = auditlog.segment_path(tmp_path, "main", 1)
+    first, second, third = frame_offsets(path)
+    original = path.read_bytes()
+    path.write_bytes(original[:second] + original[third:])
+    report = auditlog.verify(tmp_path, trusted(key))
+    assert (report.first_problem.kind, report.first_problem.seq) == ("missing-record", 6)
+    path.write_bytes(original[:first] + original[second:third] + original[first:second] + original[third:])
+    report = auditlog.verify(tmp_path, trusted(key))
+    assert (report.first_problem.kind, report.first_problem.seq) == ("missing-record", 1)
+    assert any(p.kind == "out-of-order" for p in report.problems)
+
+
+def test_records_after_a_damaged_block_survive_recovery(tmp_path: Path, key) -> None:
+    writer = write_blocks(tmp_path, key, [4, 4, 4], close=False)
+    path = auditlog.segment_path(tmp_path, "main", writer.segment)
+    writer.abandon()
+    writer.lock.release()
+    _, second, _ = frame_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[second + 20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    lock = auditlog.SlotLock.acquire(tmp_path, "main")
+    reopened, warnings = auditlog.LogWriter.open(lock, key, segment_max_bytes=10**6)
+    assert warnings and reopened.next_seq == 14  # 1..12, then the damage record is 13
+    reopened.close()
+    assert [r.seq for r in auditlog.iter_records(tmp_path)] == [1, 2, 3, 4, 9, 10, 11, 12, 13]
+    report = auditlog.verify(tmp_path, trusted(key))
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("limit", [1, 3, 7, 100])
+def test_a_cursor_stopping_inside_a_block_resumes_without_gaps_or_repeats(tmp_path: Path, key, limit: int) -> None:
+    write_blocks(tmp_path, key, [10, 1, 20])
+    cursor = auditlog.ChainCursor(tmp_path, "main")
+    seen: list[int] = []
+    while batch := cursor.read(seen[-1] if seen else 0, None, limit):
+        seen += [r.seq for r in batch]
+    assert seen == list(range(1, 32))
+    cursor = auditlog.ChainCursor(tmp_path, "main")
+    assert [r.seq for r in cursor.read(0, 4, limit)] == list(range(1, min(4, limit) + 1))  # up to a seq inside a block
+    assert [r.seq for r in cursor.read(min(4, limit), 13, 100)] == list(range(min(4, limit) + 1, 14))
+
+
+def test_a_format_1_segment_is_named_as_such(tmp_path: Path, key) -> None:
+    write_log(tmp_path, key, 1, segment_max_bytes=10**6)
+    path = auditlog.segment_path(tmp_path, "main", 1)
+    path.write_bytes(auditlog.FORMAT_1_MAGIC + path.read_bytes()[len(auditlog.SEGMENT_MAGIC) :])
+    with pytest.raises(auditlog.AuditLogError, match="format-1"):
+        auditlog.read_header(path.read_bytes())
+
+
 # --- keys ------------------------------------------------------------------------------------------
 
 
@@ -396,6 +529,27 @@ def test_a_generated_key_is_private_and_stable(tmp_path: Path) -> None:
     assert created and not created_again
     assert auditlog.public_key_bytes(key) == auditlog.public_key_bytes(again)
     assert (tmp_path / auditlog.SIGNING_KEY_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_workers_generating_the_key_at_once_all_end_up_with_the_same_key(tmp_path: Path) -> None:
+    import threading
+
+    starting_line = threading.Barrier(8)
+    results = []
+
+    def worker() -> None:
+        starting_line.wait()
+        key, created = auditlog.generated_signing_key(tmp_path)
+        results.append((auditlog.public_key_bytes(key), created))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and len({public for public, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [auditlog.SIGNING_KEY_FILE]  # no temporary file left
 
 
 def test_half_made_files_of_the_own_slot_are_removed_at_open(tmp_path: Path, key) -> None:

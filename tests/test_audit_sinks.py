@@ -66,7 +66,8 @@ def test_the_plugin_registers_every_kind_and_the_config_accepts_their_options(tm
         [[audit.sinks]]
         kind = "file"
         directory = "elsewhere"
-        fsync = "durable"
+        fsync = "interval"
+        fsync_interval_ms = 250
         [[audit.sinks]]
         kind = "postgres"
         name = "central"
@@ -88,10 +89,10 @@ def test_the_plugin_registers_every_kind_and_the_config_accepts_their_options(tm
     sinks = build_sinks(config, Hooks(), resolve)
     assert [s.name for s in sinks] == ["file", "central", "nats"]
     trail = AuditTrail(config.audit, config.gateway.state_dir, sinks=sinks)
-    assert trail.directory == tmp_path / "elsewhere" and trail.local_log.fsync == "durable"
+    assert trail.directory == tmp_path / "elsewhere" and (trail.local_log.fsync, trail.local_log.fsync_interval_ms) == ("interval", 250)
     assert [f.sink.name for f in trail._forwarders] == ["central", "nats"]  # the file kind is the log itself
 
-    bad = config_file.read_text().replace('fsync = "durable"', 'fsync = "sometimes"')
+    bad = config_file.read_text().replace('fsync = "interval"', 'fsync = "sometimes"')
     config_file.write_text(bad)
     with pytest.raises(Exception, match="fsync"):
         load_config(config_file, registry)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import functools
+import os
 import signal
 import subprocess
 import sys
@@ -107,22 +109,28 @@ async def test_cancelling_run_still_flushes_the_queue(tmp_path: Path) -> None:
     assert verify(trail).ok
 
 
+def stalled_fsync(monkeypatch) -> threading.Event:
+    """The disk stalls: every fsync of the log waits (in the writer's thread) until the event is set."""
+    gate = threading.Event()
+    sync = auditlog.LogWriter.sync
+
+    def stuck_sync(self):
+        gate.wait(TEST_DEADLINE)
+        return sync(self)
+
+    monkeypatch.setattr(auditlog.LogWriter, "sync", stuck_sync)
+    return gate
+
+
 @trio.testing.trio_test
 async def test_a_full_queue_holds_callers_back(tmp_path: Path, monkeypatch) -> None:
-    gate = threading.Event()
-    append = auditlog.LogWriter.append
-
-    def stuck_append(self, entries):
-        gate.wait(TEST_DEADLINE)  # the disk stalls
-        return append(self, entries)
-
-    monkeypatch.setattr(auditlog.LogWriter, "append", stuck_append)
+    gate = stalled_fsync(monkeypatch)
     with trio.fail_after(TEST_DEADLINE):
         trail = AuditTrail(AuditSection(), tmp_path)
         async with trio.open_nursery() as nursery:
             await nursery.start(trail.run)
-            await trail.record(judged(0))
-            await trio.testing.wait_all_tasks_blocked()  # the writer holds record 0 in its thread
+            nursery.start_soon(functools.partial(trail.record, judged(0), durable=True))
+            await trio.testing.wait_all_tasks_blocked()  # the writer waits for record 0's fsync
             for n in range(1, audit.QUEUE_CAPACITY + 1):
                 await trail.record(judged(n))
             assert trail.statistics().queue_length == audit.QUEUE_CAPACITY
@@ -278,27 +286,163 @@ async def test_segments_rotate_at_the_configured_size(tmp_path: Path) -> None:
     assert requests_in(trail.directory) == list(range(300))
 
 
+class FileSettings:
+    """What a ``[[audit.sinks]] kind = "file"`` section hands the trail."""
+
+    name = "file"
+
+    def __init__(self, fsync: str, fsync_interval_ms: int = audit.DEFAULT_FSYNC_INTERVAL_MS) -> None:
+        self.local_log = audit.LocalLogSettings(fsync=fsync, fsync_interval_ms=fsync_interval_ms)
+
+
+def test_the_default_fsync_mode_is_durable() -> None:
+    assert audit.LocalLogSettings().fsync == "durable"
+    assert AuditTrail(AuditSection(), Path("unused")).local_log.fsync == "durable"
+
+
 @trio.testing.trio_test
 async def test_fsync_mode_durable_syncs_only_for_waiting_callers(tmp_path: Path) -> None:
-    file_sink = audit.LocalLogSettings(fsync="durable")
-
-    class FileSettings:
-        name = "file"
-        local_log = file_sink
-
     with trio.fail_after(TEST_DEADLINE):
-        trail = AuditTrail(AuditSection(), tmp_path, sinks=[FileSettings()])
+        trail = AuditTrail(AuditSection(), tmp_path, sinks=[FileSettings("durable")])
         async with trio.open_nursery() as nursery:
             await nursery.start(trail.run)
-            for n in range(100):
+            for n in range(5):
                 await trail.record(judged(n))
-                await trio.testing.wait_all_tasks_blocked()  # one batch per record
-            before = trail.statistics().fsyncs
-            await trail.record(judged(100), durable=True)
-            after = trail.statistics().fsyncs
+                await eventually(lambda n=n: trail.statistics().batches == n + 1)  # written after WRITE_DELAY, alone
+            before = trail.statistics()
+            await trail.record(judged(5), durable=True)
+            after = trail.statistics()
             await trail.aclose()
-    assert before < 10 and after == before + 1
-    assert requests_in(trail.directory) == list(range(101))
+    assert before.fsyncs == 0 and before.committed_seq == 0  # five writes, none fsynced
+    assert after.fsyncs == 1 and after.committed_seq == 6  # the durable record's fsync covers them all
+    assert requests_in(trail.directory) == list(range(6))
+
+
+@trio.testing.trio_test
+async def test_records_nobody_waits_for_ride_along_with_the_next_durable_one(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            for n in range(0, 30, 3):  # a statement: its request (waited for), rows and response
+                await trail.record(judged(n), durable=True)
+                await trail.record(events.ResultRows(session_id="s1", request_no=n, first_row=0, rows=(("1",),)))
+                await trail.record(events.ResponseCompleted(session_id="s1", request_no=n, status="ok", rows=1))
+            statistics = trail.statistics()
+            await trail.aclose()
+    assert statistics.records == 28 and statistics.queue_length == 2  # the last rows and response still queued
+    assert statistics.batches == statistics.fsyncs == 10  # one write and one fsync per statement
+    assert [r.type for r in auditlog.iter_records(trail.directory)] == ["request", "rows", "response"] * 10
+
+
+@trio.testing.trio_test
+async def test_with_fsync_durable_records_nobody_waits_for_are_fsynced_within_the_interval(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(audit, "DURABLE_FSYNC_INTERVAL", 0.05)
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            for n in range(3):
+                await trail.record(judged(n))
+            await eventually(lambda: trail.statistics().committed_seq == 3)
+            assert trail.statistics().fsyncs == 1
+            await trail.aclose()
+
+
+@trio.testing.trio_test
+async def test_with_fsync_interval_a_durable_record_is_acknowledged_once_written(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path, sinks=[FileSettings("interval", fsync_interval_ms=3_600_000)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            for n in range(5):
+                await trail.record(judged(n), durable=True)
+            statistics = trail.statistics()
+            assert statistics.fsyncs == 0 and statistics.committed_seq == 0
+            assert requests_in(trail.directory) == list(range(5))  # in the segment file already (the OS has them)
+            await trail.aclose()
+    assert auditlog.verify(trail.directory, [trail.public_key]).ok
+
+
+@trio.testing.trio_test
+async def test_with_fsync_interval_fsyncs_run_every_interval_and_feed_the_sinks(tmp_path: Path) -> None:
+    sink = FlakySink()
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path, sinks=[FileSettings("interval", fsync_interval_ms=20), sink])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            for n in range(5):
+                await trail.record(judged(n), durable=True)
+            await eventually(lambda: trail.statistics().committed_seq == 5)  # without any other record
+            await eventually(lambda: seqs(sink) == [1, 2, 3, 4, 5])
+            await trail.aclose()
+
+
+@trio.testing.trio_test
+async def test_with_fsync_always_every_batch_is_fsynced(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path, sinks=[FileSettings("always")])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            for n in range(5):
+                await trail.record(judged(n))
+                await eventually(lambda n=n: trail.statistics().committed_seq == n + 1)  # written and fsynced at once
+            statistics = trail.statistics()
+            await trail.aclose()
+    assert statistics.batches == statistics.fsyncs == 5
+
+
+def test_an_unknown_fsync_mode_or_interval_is_refused() -> None:
+    with pytest.raises(ValueError):
+        audit.LocalLogSettings(fsync="sometimes")
+    with pytest.raises(ValueError):
+        audit.LocalLogSettings(fsync="interval", fsync_interval_ms=0)
+
+
+@pytest.mark.parametrize("use_eventfd", [True, False] if hasattr(os, "eventfd") else [False])
+@trio.testing.trio_test
+async def test_the_writer_thread_returns_results_and_raises_errors(use_eventfd: bool) -> None:
+    lane = audit._Lane(use_eventfd=use_eventfd)
+    lane.start()
+    try:
+        assert await lane.run(lambda a, b: a + b, 2, 3) == 5
+        assert await lane.run(threading.current_thread) is not threading.current_thread()
+        with pytest.raises(OSError, match="disk on fire"):
+            await lane.run(functools.partial(_raise, OSError("disk on fire")))
+        assert await lane.run(lambda: "still serving") == "still serving"
+    finally:
+        lane.stop()
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+@trio.testing.trio_test
+async def test_a_cancelled_wait_for_the_writer_thread_still_gets_the_outcome() -> None:
+    lane = audit._Lane()
+    lane.start()
+    release = threading.Event()
+    outcomes = []
+    scope = trio.CancelScope()
+    try:
+
+        async def call() -> None:
+            with scope:
+                outcomes.append(await lane.run(lambda: release.wait(TEST_DEADLINE) and "synced"))
+                await trio.sleep(0)  # the cancellation arrives at the next checkpoint
+                outcomes.append("not cancelled")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcomes == []  # still waiting for the thread, not abandoned
+            release.set()
+        assert scope.cancelled_caught and outcomes == ["synced"]
+    finally:
+        lane.stop()
 
 
 # --- sinks ---------------------------------------------------------------------------------------
@@ -490,21 +634,20 @@ def test_sigkill_mid_load_loses_no_acknowledged_record(tmp_path: Path) -> None:
 @trio.testing.trio_test
 async def test_an_event_that_cannot_be_encoded_fails_only_its_own_caller(tmp_path: Path, monkeypatch) -> None:
     poisoned = events.ResponseCompleted(session_id="bad", request_no=1, status="ok", masked={"name": 2**70})  # beyond msgpack
-    gate = threading.Event()
+    gate = stalled_fsync(monkeypatch)
     batches: list[int] = []
     append = auditlog.LogWriter.append
 
-    def gated_append(self, entries):
-        gate.wait(TEST_DEADLINE)
+    def counted_append(self, entries):
         batches.append(len(entries))
         return append(self, entries)
 
-    monkeypatch.setattr(auditlog.LogWriter, "append", gated_append)
+    monkeypatch.setattr(auditlog.LogWriter, "append", counted_append)
     with trio.fail_after(TEST_DEADLINE):
         trail = AuditTrail(AuditSection(), tmp_path)
         async with trio.open_nursery() as nursery:
             await nursery.start(trail.run)
-            await trail.record(judged(0))  # the writer takes it and waits at the gate
+            nursery.start_soon(functools.partial(trail.record, judged(0), durable=True))  # written, then its fsync stalls
             await trio.testing.wait_all_tasks_blocked()
             outcomes: dict[str, str] = {}
 

@@ -1,0 +1,203 @@
+"""The audit trail's hot path on its own: records per second and CPU per record.
+
+    .venv/bin/python benchmarks/audit_bench.py [--queries 3000] [--modes durable,interval,always]
+                                               [--sessions 1,8,50] [--dir /path/on/the/real/disk]
+                                               [--json out.json]
+
+Each simulated session does what one PostgreSQL session does for a simple ``SELECT`` (pgbench
+``-S``): a ``request`` record it waits for (durable, as a statement's record is before the
+statement is forwarded), then a ``rows`` and a ``response`` record it does not wait for. The
+scenarios are one session doing that sequentially, and 8 and 50 sessions at once.
+
+CPU is the whole process's (``resource.getrusage(RUSAGE_SELF)``: user + system time of every
+thread, the fsync thread included), taken over the timed part only; the log directory is on the
+disk the gateway would use (default: a temporary directory under ``--dir``). Also measured: the
+pieces of one record on their own (event encoding, the record body, block compression).
+
+A benchmark measures, it never asserts: compare the printed figures between commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import logging
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bastion.core import audit, auditlog, events  # noqa: E402
+from bastion.core.config import AuditSection  # noqa: E402
+
+# Queries each scenario runs in total (spread over its sessions): enough for a few seconds of
+# steady state per scenario, few enough that the whole run stays under a minute or two.
+DEFAULT_QUERIES = 3000
+DEFAULT_SESSIONS = (1, 8, 50)
+# Records one simulated query writes: request (durable), rows, response.
+RECORDS_PER_QUERY = 3
+# Queries before timing starts: opening the log, first segment, caches and thread start-up.
+WARM_UP_QUERIES = 50
+# Repetitions of each component measurement (encoding, compression): enough to average out noise.
+COMPONENT_REPETITIONS = 20000
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of the whole process, every thread included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def select_query(session: str, request_no: int) -> tuple[events.AuditEvent, events.AuditEvent, events.AuditEvent]:
+    """The three events of one pgbench ``-S`` statement as the PostgreSQL relay records them."""
+    request = events.RequestJudged(
+        session_id=session,
+        request_no=request_no,
+        identity="ci-nightly",
+        target="clinic-db",
+        kind="statement",
+        statements=("SELECT abalance FROM pgbench_accounts WHERE aid = ?;",),
+        actions=("select",),
+        fingerprints=("9f3c2a7be01d44c5",),
+        tables=("pgbench_accounts",),
+        risk=5,
+        verdict="allow",
+        rules=("grant:analytics-read",),
+        policy_version="3a9f1c0b7d2e",
+    )
+    rows = events.ResultRows(session_id=session, request_no=request_no, first_row=0, rows=(("-2718",),))
+    response = events.ResponseCompleted(
+        session_id=session, request_no=request_no, status="ok", columns=("abalance",), rows=1, bytes=17, duration_ms=0.183, command_tag="SELECT 1"
+    )
+    return request, rows, response
+
+
+class FileSinkSettings:
+    """What a ``[[audit.sinks]] kind = "file"`` section hands the trail."""
+
+    name = "file"
+
+    def __init__(self, fsync: str) -> None:
+        self.local_log = audit.LocalLogSettings(fsync=fsync)
+
+
+async def run_scenario(directory: Path, mode: str, sessions: int, queries: int) -> dict[str, Any]:
+    trail = audit.AuditTrail(AuditSection(), directory, sinks=[FileSinkSettings(mode)])
+    per_session = max(1, queries // sessions)
+    warm_up = max(1, WARM_UP_QUERIES // sessions)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trail.run)
+
+        async def session(index: int, first: int, count: int) -> None:
+            for n in range(first, first + count):
+                request, rows, response = select_query(f"s{index}", n)
+                await trail.record(request, durable=True)
+                await trail.record(rows)
+                await trail.record(response)
+
+        async with trio.open_nursery() as warming:
+            for index in range(sessions):
+                warming.start_soon(session, index, 0, warm_up)
+        before = trail.statistics()
+        cpu, wall = cpu_seconds(), time.perf_counter()
+        async with trio.open_nursery() as timed:
+            for index in range(sessions):
+                timed.start_soon(session, index, warm_up, per_session)
+        wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+        after = trail.statistics()
+        await trail.aclose()
+    records = per_session * sessions * RECORDS_PER_QUERY
+    return {
+        "mode": mode,
+        "sessions": sessions,
+        "queries": per_session * sessions,
+        "records": records,
+        "records_per_s": round(records / wall),
+        "cpu_us_per_record": round(cpu / records * 1e6, 2),
+        "cpu_us_per_query": round(cpu / (per_session * sessions) * 1e6, 2),
+        "wall_s": round(wall, 3),
+        "fsyncs": after.fsyncs - before.fsyncs,
+        "batches": after.batches - before.batches,
+        "bytes_per_record": round((after.bytes - before.bytes) / records, 1),
+    }
+
+
+def measure(function, repetitions: int = COMPONENT_REPETITIONS) -> float:
+    """CPU µs per call of ``function``."""
+    function()
+    start = cpu_seconds()
+    for _ in range(repetitions):
+        function()
+    return round((cpu_seconds() - start) / repetitions * 1e6, 2)
+
+
+def components() -> dict[str, float]:
+    """The pieces of one record, each on its own (µs of CPU per call)."""
+    out: dict[str, float] = {}
+    query = select_query("s1", 1)
+    for event in query:
+        out[f"event_to_dict {event.type}"] = measure(lambda event=event: events.event_to_dict(event))
+    data = events.event_to_dict(query[0])
+    record_type = data.pop("type")
+    body = auditlog.RecordBody("host.main.0123abcd", 1234, b"\0" * 32, 1.7e9, record_type, data)
+    out["make_record (body msgpack + SHA-256)"] = measure(lambda: auditlog.make_record(body))
+    record = auditlog.make_record(body)
+    out["encode_record (one record per frame)"] = measure(lambda: auditlog.encode_record(record))
+    block = [auditlog.make_record(auditlog.RecordBody("host.main.0123abcd", 1234 + i, b"\0" * 32, 1.7e9, record_type, data)) for i in range(RECORDS_PER_QUERY)]
+    if hasattr(auditlog, "encode_block"):
+        out[f"encode_block ({RECORDS_PER_QUERY} records), per record"] = round(measure(lambda: auditlog.encode_block(block)) / RECORDS_PER_QUERY, 2)
+    else:
+        out[f"encode_record x{RECORDS_PER_QUERY}, per record"] = round(measure(lambda: [auditlog.encode_record(r) for r in block]) / RECORDS_PER_QUERY, 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="queries per scenario (all sessions together)")
+    parser.add_argument("--sessions", default=",".join(map(str, DEFAULT_SESSIONS)), help="comma-separated concurrent session counts")
+    parser.add_argument("--modes", default=",".join(audit.FSYNC_MODES), help="comma-separated local-log fsync modes")
+    parser.add_argument("--dir", type=Path, default=None, help="where the temporary audit directories go (default: the system temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--no-components", action="store_true", help="skip the per-piece measurements")
+    args = parser.parse_args(argv)
+    logging.getLogger("bastion.audit").setLevel(logging.ERROR)  # each run generates a key and says so
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in audit.FSYNC_MODES]
+    if unknown:
+        print(f"skipping fsync modes this version does not have: {', '.join(unknown)}", file=sys.stderr)
+        modes = [m for m in modes if m in audit.FSYNC_MODES]
+    results: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "scenarios": []}
+    print(f"{'mode':9} {'sessions':>8} {'records/s':>10} {'CPU µs/record':>14} {'CPU µs/query':>13} {'fsyncs':>7} {'batches':>8} {'bytes/rec':>9}")
+    for mode in modes:
+        for sessions in (int(s) for s in args.sessions.split(",") if s):
+            work = Path(tempfile.mkdtemp(prefix="audit-bench-", dir=args.dir))
+            try:
+                row = trio.run(run_scenario, work, mode, sessions, args.queries)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            results["scenarios"].append(row)
+            print(
+                f"{row['mode']:9} {row['sessions']:>8} {row['records_per_s']:>10} {row['cpu_us_per_record']:>14} "
+                f"{row['cpu_us_per_query']:>13} {row['fsyncs']:>7} {row['batches']:>8} {row['bytes_per_record']:>9}"
+            )
+    if not args.no_components:
+        results["components_us"] = components()
+        for name, value in results["components_us"].items():
+            print(f"  {name:48} {value:>8} µs")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
