@@ -166,7 +166,6 @@ def test_bare_ssn_needs_a_keyword_outside_column_scope():
         ("end of sentence x@example.com.", "x@example.com"),
         ("'quoted@example.com'", "quoted@example.com"),
         ("üser@exämple.de", "üser@exämple.de"),
-        ("****@example.org", "****@example.org"),
     ],
 )
 def test_emails(text, email):
@@ -571,3 +570,11 @@ def test_property_random_bytes_never_raise(data):
 def test_property_digit_soup_never_raises(text):
     for scanner in (FREE, SCOPED):
         scanner.find(text.encode())
+
+
+def test_an_address_the_partial_strategy_already_masked_is_not_found_again():
+    from bastion.policies.recognizers import compile_scanner
+
+    scanner = compile_scanner(["email"], scoped=False)
+    assert scanner.find(b"****@example.org") == []
+    assert scanner.find(b"contact a****@example.org") != []
