@@ -304,6 +304,8 @@ class Relay:
         self.upstream_key = upstream.secret_key
         self.rows_approved: set[int] = set()  # requests whose results a reviewer let through
         self.descriptions: dict[bytes, tuple[FieldDescription, ...]] = {}
+        self.unrecorded: list[int] = []  # requests the server skipped, to record as not run
+        self.answered: set[int] = set()  # requests of the current batch already recorded as failed
         self.hooks = session.hooks
         self.mask_texts = session.hooks.has_text_transforms()
         self.record_rows = session.record_rows_limit
@@ -762,6 +764,8 @@ class Relay:
                     await self._masked_row(result, body)
             else:
                 await self._backend_message(kind, body)
+                if self.unrecorded:
+                    await self._record_skipped()
             if self.to_client_size >= self.batch_bytes:
                 await self._flush_client()
 
@@ -788,12 +792,15 @@ class Relay:
         """The server skips this message (an earlier one in its batch failed)."""
         if entry.kind == QUERY or entry.kind == FUNCTION:
             self._acknowledge()  # a Query during skip-to-Sync is ignored: it gets no ReadyForQuery
-        if entry.request_no and entry.kind in (QUERY, FUNCTION, EXECUTE):
-            self.nursery.start_soon(
-                self.session.record_response, entry.request_no, "error", **{"error_message": "not run: an earlier message of the batch failed"}
-            )
+        if entry.request_no and entry.kind in (QUERY, FUNCTION, EXECUTE) and entry.request_no not in self.answered:
+            self.unrecorded.append(entry.request_no)  # recorded by the pump right after
         if len(self.pending) < MAX_PENDING:
             self.popped_event.set()
+
+    async def _record_skipped(self) -> None:
+        skipped, self.unrecorded = self.unrecorded, []
+        for request_no in skipped:
+            await self.session.record_response(request_no, "error", error_message="not run: an earlier message of the batch failed")
 
     def _acknowledge(self) -> None:
         self.acked += 1
@@ -1208,6 +1215,8 @@ class Relay:
         self._pop()
         self.skipping = False
         self.result = None
+        if self.answered:
+            self.answered.clear()
         status = body[:1].decode("latin-1")
         if entry.kind == TXN_POISON:
             return  # Bastion's own: the caller already has its ReadyForQuery
@@ -1278,13 +1287,15 @@ class Relay:
             request_no = 0  # the implicit COMMIT at Sync failed (e.g. a deferred constraint)
         else:
             self._pop()
-            request_no = entry.request_no if kind == EXECUTE else 0
+            # a Bind can fail too (a bad parameter, or an error planning with its values)
+            request_no = entry.request_no if kind == EXECUTE or kind == BIND else 0
             if kind == PARSE and entry.name == "":
                 self.statements.confirm("", None)  # the server dropped the old unnamed statement
             elif kind == BIND and entry.name == "":
                 self.portals.confirm("", None)
             self.skipping = True
         if request_no:
+            self.answered.add(request_no)
             rows = result.rows if result is not None else 0
             if result is not None and result.pending:
                 await self._record_rows(result)

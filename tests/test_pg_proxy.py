@@ -242,6 +242,23 @@ def test_extended_protocol_refusal_skips_to_sync_and_answers_it(pg_gateway):
         assert of_type(second, DataRow)[0].values == (b"3",)
 
 
+def test_a_server_error_in_a_pipeline_skips_the_rest_and_records_it(pg_gateway):
+    with pg_gateway() as gw, psycopg.connect(gw.dsn(), autocommit=True) as conn:
+        with conn.pipeline() as pipeline:
+            conn.execute("select %s::int", [1])
+            conn.execute("select 1 / %s::int", [0])
+            skipped = conn.execute("select %s::int", [3])
+            with pytest.raises(pg_errors.DivisionByZero):
+                pipeline.sync()
+            with pytest.raises(psycopg.ProgrammingError):
+                skipped.fetchone()
+        assert conn.execute("select 4").fetchone() == (4,)
+        not_run = gw.wait_for(lambda: [e for e in gw.events_of(events.ResponseCompleted) if e.error_message.startswith("not run")])
+        assert len(not_run) == 1 and not_run[0].status == "error"
+        failed = [e for e in gw.events_of(events.ResponseCompleted) if e.error_code == "22012"]
+        assert len(failed) == 1 and failed[0].request_no < not_run[0].request_no
+
+
 def test_fast_path_function_calls_are_refused_unless_granted(pg_gateway):
     with pg_gateway(policy=GrantAll(refused)) as gw, psycopg.connect(gw.dsn(), autocommit=True) as conn:
         # psycopg reaches the fast path through large objects' lo_* functions in libpq
