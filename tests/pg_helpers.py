@@ -336,12 +336,12 @@ def write_pg_config(
         tls.cert_pem.write_to_path(str(directory / "ca.crt"))
         listener_tls = 'tls = { cert = "server.crt", key = "server.key" }'
         plaintext = ""
+    defaults = {"admin_listen": '"127.0.0.1:0"', "state_dir": '"var"', "shutdown_grace": '"2s"'}
+    overridden = {line.split("=", 1)[0].strip() for line in gateway_extra.splitlines() if "=" in line}
+    gateway_lines = "".join(f"{key} = {value}\n" for key, value in defaults.items() if key not in overridden)
     text = f"""
 [gateway]
-admin_listen = "127.0.0.1:0"
-state_dir = "var"
-shutdown_grace = "2s"
-{policies}{gateway_extra}
+{gateway_lines}{policies}{gateway_extra}
 
 [audit]
 record_rows = {record}
