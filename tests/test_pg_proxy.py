@@ -166,6 +166,49 @@ def test_tls_is_required_for_tokens_and_used_when_offered(pg_gateway):
         assert gw.wait_for(lambda: [e for e in gw.events_of(events.SessionStarted) if e.tls])
 
 
+def test_encryption_requests_are_answered_before_the_startup_message(pg_gateway):
+    from bastion.protocols.postgres.codec import encode
+    from bastion.protocols.postgres.messages import (
+        AuthenticationCleartextPassword,
+        GSSENCRequest,
+        PasswordMessage,
+        SSLRequest,
+        StartupMessage,
+    )
+
+    with pg_gateway() as gw, RawClient(gw.host, gw.port) as client:
+        client.sock.sendall(encode(GSSENCRequest()))
+        assert client.sock.recv(1) == b"N"  # no GSSAPI encryption
+        client.sock.sendall(encode(SSLRequest()))
+        assert client.sock.recv(1) == b"N"  # this target has no TLS listener
+        client.send(StartupMessage(parameters=(("user", SUBJECT), ("database", "postgres"))))
+        assert isinstance(client.read(), AuthenticationCleartextPassword)
+        client.send(PasswordMessage(TOKEN))
+        assert isinstance(client.until_ready()[-1], ReadyForQuery)
+
+
+def test_a_newer_protocol_version_is_negotiated_down_to_3_0(pg_gateway):
+    from bastion.protocols.postgres.messages import (
+        PROTOCOL_VERSION_3_2,
+        AuthenticationCleartextPassword,
+        NegotiateProtocolVersion,
+        PasswordMessage,
+        StartupMessage,
+    )
+
+    with pg_gateway() as gw, RawClient(gw.host, gw.port) as client:
+        parameters = (("user", SUBJECT), ("database", "postgres"), ("_pq_.bastion_test", "on"))
+        client.send(StartupMessage(PROTOCOL_VERSION_3_2, parameters))
+        negotiated = client.read()
+        assert isinstance(negotiated, NegotiateProtocolVersion)
+        assert negotiated.newest_minor_version == 0 and negotiated.unrecognized_options == ("_pq_.bastion_test",)
+        assert isinstance(client.read(), AuthenticationCleartextPassword)
+        client.send(PasswordMessage(TOKEN))
+        assert isinstance(client.until_ready()[-1], ReadyForQuery)
+        client.send(Query("select 1"))
+        assert of_type(client.until_ready(), DataRow)[0].values == (b"1",)
+
+
 # --- refusals --------------------------------------------------------------------------------------
 
 

@@ -187,6 +187,27 @@ def test_the_real_policy_refuses_fast_path_calls_without_the_capability(pg_gatew
         assert raw_values(client.until_ready()) == [(b"1",)]
 
 
+GUARDED = BUNDLE.replace("{untraced}", "mask-all") + """
+[[guardrail]]
+name = "no-server-side-files"
+detect = ["copy-program", "copy-file", "file-access"]
+action = "deny"
+"""
+
+
+def test_copy_program_and_unparsable_statements_are_refused_and_the_session_goes_on(pg_gateway, patients):
+    with pg_gateway(bundle=GUARDED) as gw, psycopg.connect(gw.dsn(), autocommit=True) as conn:
+        with pytest.raises(pg_errors.InsufficientPrivilege) as info:
+            conn.execute(f"copy {patients} to program 'cat > /tmp/out'")
+        assert "no-server-side-files" in info.value.diag.message_detail
+        with pytest.raises(pg_errors.InsufficientPrivilege) as info:
+            conn.execute("selec garbage from nowhere")
+        assert "default-deny" in info.value.diag.message_detail or "unknown" in info.value.diag.message_primary
+        assert conn.execute("select 1").fetchone() == (1,)
+        verdicts = [e.verdict for e in gw.events_of(events.RequestJudged)]
+        assert verdicts.count("deny") == 2
+
+
 def test_the_caller_user_name_grants_nothing(pg_gateway, patients):
     with pg_gateway(bundle=bundle()) as gw, psycopg.connect(gw.dsn(user="postgres"), autocommit=True) as conn:
         assert conn.execute(f"select ssn from {patients} where id = 1").fetchone() == (MASKED_SSN,)
