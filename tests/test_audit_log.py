@@ -10,6 +10,7 @@ from pathlib import Path
 
 import attrs
 import cattrs
+import msgpack
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -109,6 +110,18 @@ GENERIC = generic_converter()
 def test_event_to_dict_is_exactly_the_generic_unstructuring(event) -> None:
     expected = {**GENERIC.unstructure(event), "type": event.type}
     assert repr(events.event_to_dict(event)) == repr(expected)  # same keys, same order, lists where lists were
+
+
+plain_values = st.recursive(
+    st.none() | st.booleans() | int64 | finite | any_text | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(value=plain_values)
+def test_pack_gives_the_bytes_msgpack_gives_with_surrogatepass(value) -> None:
+    assert auditlog.pack(value) == msgpack.packb(value, use_bin_type=True, unicode_errors="surrogatepass")
 
 
 @given(event=any_event, position=st.integers(min_value=0), value=st.integers(1, 255))
