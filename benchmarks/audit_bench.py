@@ -52,6 +52,8 @@ DEFAULT_SESSIONS = (1, 8, 50)
 RECORDS_PER_QUERY = 3
 # Queries before timing starts: opening the log, first segment, caches and thread start-up.
 WARM_UP_QUERIES = 50
+# How often the run looks whether the SQLite sink has caught up: short next to a run's seconds.
+SINK_POLL_INTERVAL = 0.005
 # Runs of each scenario: the machine is shared and one run can be off by a third; the median of
 # five is steady to a few per cent, and the least CPU shows what the code costs undisturbed.
 DEFAULT_REPEAT = 5
@@ -98,8 +100,13 @@ class FileSinkSettings:
         self.local_log = audit.LocalLogSettings(fsync=fsync)
 
 
-async def run_scenario(directory: Path, mode: str, sessions: int, queries: int) -> dict[str, Any]:
-    trail = audit.AuditTrail(AuditSection(), directory, sinks=[FileSinkSettings(mode)])
+async def run_scenario(directory: Path, mode: str, sessions: int, queries: int, sqlite_sink: bool = False) -> dict[str, Any]:
+    sinks: list[Any] = [FileSinkSettings(mode)]
+    if sqlite_sink:
+        from bastion.plugins.audit_sinks import SqliteSink
+
+        sinks.append(SqliteSink("index", directory / "index.sqlite"))
+    trail = audit.AuditTrail(AuditSection(), directory, sinks=sinks)
     per_session = max(1, queries // sessions)
     warm_up = max(1, WARM_UP_QUERIES // sessions)
     async with trio.open_nursery() as nursery:
@@ -122,6 +129,8 @@ async def run_scenario(directory: Path, mode: str, sessions: int, queries: int) 
         async with trio.open_nursery() as timed:
             for index in range(sessions):
                 timed.start_soon(session, index, warm_up, per_session)
+        while sqlite_sink and trail.statistics().sinks[0].lag > 0:  # the sink's share counts too
+            await trio.sleep(SINK_POLL_INTERVAL)
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         after = trail.statistics()
         await trail.aclose()
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary audit directories go (default: the system temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="runs of each scenario; the median is reported (and the least CPU)")
+    parser.add_argument("--sqlite-sink", action="store_true", help="also feed an SQLite index sink; timing runs until it has caught up")
     parser.add_argument("--no-components", action="store_true", help="skip the per-piece measurements")
     args = parser.parse_args(argv)
     logging.getLogger("bastion.audit").setLevel(logging.ERROR)  # each run generates a key and says so
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"skipping fsync modes this version does not have: {', '.join(unknown)}", file=sys.stderr)
         modes = [m for m in modes if m in audit.FSYNC_MODES]
-    results: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "scenarios": []}
+    results: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "sqlite_sink": args.sqlite_sink, "scenarios": []}
     print(f"{'mode':9} {'sessions':>8} {'records/s':>10} {'CPU µs/record':>14} {'(least)':>8} {'CPU µs/query':>13} {'fsyncs':>7} {'batches':>8} {'bytes/rec':>9}")
     for mode in modes:
         for sessions in (int(s) for s in args.sessions.split(",") if s):
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(max(1, args.repeat)):
                 work = Path(tempfile.mkdtemp(prefix="audit-bench-", dir=args.dir))
                 try:
-                    runs.append(trio.run(run_scenario, work, mode, sessions, args.queries))
+                    runs.append(trio.run(run_scenario, work, mode, sessions, args.queries, args.sqlite_sink))
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
             row = summarise(runs)
