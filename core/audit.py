@@ -975,9 +975,10 @@ class _Forwarder:
                     if trail._writer_done.is_set():
                         return
                     await trail._progress.wait()
+                    continue
+                if trail._committed_seq - self.delivered < SINK_BATCH and not trail._writer_done.is_set():
                     with trio.move_on_after(FORWARD_GATHER):  # let more records come: one read, one sink call
                         await trail._writer_done.wait()
-                    continue
                 try:
                     if not opened:
                         with trio.fail_after(SINK_CALL_TIMEOUT):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 import sqlite3
 import subprocess
@@ -122,6 +123,33 @@ async def test_the_sqlite_index_counts_sessions_once_however_often_records_arriv
     assert index.insert(everything) == 0
     assert {r["session_id"]: dict(r) for r in index.query("SELECT * FROM sessions")} == rows
     assert index.query("SELECT count(*) AS n FROM events")[0]["n"] == len(everything)
+
+
+def test_the_sqlite_index_gives_the_same_sessions_whatever_the_batches(tmp_path: Path) -> None:
+    key = auditlog.load_signing_key(b"\x07" * 32)
+    lock = auditlog.SlotLock.acquire(tmp_path / "audit", "main")
+    writer, _ = auditlog.LogWriter.open(lock, key, segment_max_bytes=10**7)
+    pairs = itertools.zip_longest(session_events("a"), session_events("b", denied=2, rows=7))
+    mixed = [event for pair in pairs for event in pair if event is not None]  # two sessions interleaved
+    mixed += [events.AuthenticationFailed(session_id="c", target="clinic", client="127.0.0.1:5001", reason="bad token", provider="static-token")]
+    for event in mixed:
+        data = events.event_to_dict(event)
+        writer.append([(data.pop("type"), data)])
+    writer.close()
+    records = list(auditlog.iter_records(tmp_path / "audit"))
+
+    def sessions(batches: list[list[auditlog.AuditRecord]], name: str) -> list[dict]:
+        index = audit_sinks.SqliteIndex(tmp_path / f"{name}.sqlite")
+        for batch in batches:
+            index.insert(batch)
+        return [dict(r) for r in index.query("SELECT * FROM sessions ORDER BY session_id")]
+
+    one_by_one = sessions([[r] for r in records], "one-by-one")
+    assert [r["session_id"] for r in one_by_one] == ["a", "b", "c"]
+    assert (one_by_one[1]["requests"], one_by_one[1]["denied"], one_by_one[1]["rows"]) == (4, 2, 14)
+    assert one_by_one[2]["decision"] == "rejected" and one_by_one[2]["end_reason"] == "authentication failed: bad token"
+    assert sessions([records], "at-once") == one_by_one
+    assert sessions([records[:5], records[3:12], records], "overlapping") == one_by_one  # repeats count once
 
 
 @trio.testing.trio_test
