@@ -5,10 +5,11 @@ and waits in a bounded queue for one writer task, which appends whatever has que
 batch — on the event loop's thread: appending is CPU (msgpack, SHA-256, compression) and one
 ``write`` into the page cache. Only an fsync leaves the loop, to one long-lived thread (the
 *lane*, which also seals segments), and one fsync covers every record written before it (group
-commit): while it runs, the next batch queues up. A ``durable=True`` caller returns once its
-record is as safe as ``fsync`` says (see :class:`LocalLogSettings`); under ``audit.fail_closed`` a
-record that cannot be made so raises :class:`AuditUnavailable`, and the session refuses the
-statement.
+commit): while it runs, the next batch queues up. A session that has the trail to itself skips
+the writer task: its durable call appends the batch itself (one commit at a time either way). A
+``durable=True`` caller returns once its record is as safe as ``fsync`` says (see
+:class:`LocalLogSettings`); under ``audit.fail_closed`` a record that cannot be made so raises
+:class:`AuditUnavailable`, and the session refuses the statement.
 
 Records nobody waits for (responses, rows, session ends) are not written one by one: they ride
 along with the next durable record, or are written once they have waited ``WRITE_DELAY``, or
@@ -465,8 +466,9 @@ class AuditTrail:
     async def record(self, event: AuditEvent, *, durable: bool = False) -> None:
         """Queue ``event``; with ``durable`` return only once it is as safe as the fsync mode says.
 
-        Without ``durable`` this returns at once while the queue has room (no checkpoint): the
-        record is written within ``WRITE_DELAY``. When the queue is full it waits for room.
+        Without ``durable`` this returns at once while the queue has room, without a checkpoint:
+        the record is written within ``WRITE_DELAY``. When the queue is full it waits for room.
+        A durable call that needs no fsync (``fsync = "interval"``) may also return without one.
         """
         if self._closing:
             self._unavailable("the audit trail is closed", event)
