@@ -335,6 +335,31 @@ async def test_records_nobody_waits_for_ride_along_with_the_next_durable_one(tmp
     assert [r.type for r in auditlog.iter_records(trail.directory)] == ["request", "rows", "response"] * 10
 
 
+@pytest.mark.parametrize("sessions", [1, 6])  # a lone session writes its own batches; several share the writer's
+@trio.testing.trio_test
+async def test_with_fsync_durable_a_durable_record_is_fsynced_before_its_caller_goes_on(tmp_path: Path, sessions: int) -> None:
+    synced_when_acknowledged: list[bool] = []
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+
+            async def session(name: str) -> None:
+                for n in range(20):
+                    await trail.record(judged(n, name), durable=True)
+                    committed = trail.statistics().committed_seq  # the last seq known fsynced
+                    (own,) = [r.seq for r in auditlog.iter_records(trail.directory) if r.type == "request" and (r.session_id, r.event["request_no"]) == (name, n)]
+                    synced_when_acknowledged.append(own <= committed)
+                    await trail.record(events.ResponseCompleted(session_id=name, request_no=n, status="ok"))
+                    await trio.lowlevel.checkpoint()
+
+            async with trio.open_nursery() as sessions_nursery:
+                for s in range(sessions):
+                    sessions_nursery.start_soon(session, f"s{s}")
+            await trail.aclose()
+    assert len(synced_when_acknowledged) == 20 * sessions and all(synced_when_acknowledged)
+
+
 @trio.testing.trio_test
 async def test_with_fsync_durable_records_nobody_waits_for_are_fsynced_within_the_interval(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(audit, "DURABLE_FSYNC_INTERVAL", 0.05)
@@ -561,12 +586,16 @@ CRASH_WRITER = textwrap.dedent(
     """
     import sys, trio
     from pathlib import Path
-    from bastion.core.audit import AuditTrail
+    from bastion.core.audit import AuditTrail, LocalLogSettings
     from bastion.core.config import AuditSection
     from bastion.core import events
 
+    class FileSettings:
+        name = "file"
+        local_log = LocalLogSettings(fsync=sys.argv[2])
+
     async def main(state):
-        trail = AuditTrail(AuditSection(segment_max_bytes=64 * 1024), Path(state))
+        trail = AuditTrail(AuditSection(segment_max_bytes=64 * 1024), Path(state), sinks=[FileSettings()])
         async with trio.open_nursery() as nursery:
             await nursery.start(trail.run)
 
@@ -589,8 +618,9 @@ ACKS_BEFORE_KILL = 2000
 
 
 @pytest.mark.slow
-def test_sigkill_mid_load_loses_no_acknowledged_record(tmp_path: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-c", CRASH_WRITER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+@pytest.mark.parametrize("fsync", ["durable", "interval"])  # interval: acknowledged once written, before any fsync
+def test_sigkill_mid_load_loses_no_acknowledged_record(tmp_path: Path, fsync: str) -> None:
+    process = subprocess.Popen([sys.executable, "-c", CRASH_WRITER, str(tmp_path), fsync], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     acknowledged = set()
     try:
         assert process.stdout is not None
