@@ -29,6 +29,13 @@ How a refusal is delivered
     right transaction status. The frontend discards the caller's messages up to that Sync, as the
     server would. Refusals for "audit unavailable" and unparsable statements go the same way.
 
+Reviews
+    A statement the policy sends to a reviewer waits in ``session.check``; meanwhile the caller is
+    told so with a NOTICE (``session.notify``) and is read only to notice a hang-up, which
+    withdraws the request. A row-threshold review lets the statement run and pauses its result at
+    the threshold: the server is not read while ``session.approve_rows`` waits, and on anything
+    but an approval the statement is cancelled upstream and the caller gets the reason.
+
 Statement and portal names
     Each name table keeps what the server *confirmed* (ParseComplete, BindComplete,
     CloseComplete, errors) and the frontend's *speculative* view of the batch it is reading (up to
@@ -56,12 +63,12 @@ Flow control
     writes are gathered and sent when the input read runs dry, at a Sync/Flush/ReadyForQuery, or
     beyond ``write_batch_bytes``. A slow caller blocks the send to it, so the server's data stops
     being read; a server that is slow to answer stops the caller's messages from being read.
-    Memory per session is bounded by one message (``max_message_bytes``) plus one write batch.
+    Memory per session is bounded by one message plus one write batch (a caller's message by
+    ``max_message_bytes``; a server's row by what PostgreSQL itself can send, 1 GiB).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import struct
 import time
@@ -81,18 +88,15 @@ from bastion.protocols.postgres.errors import ProtocolError
 from bastion.protocols.postgres.framing import END_OF_STREAM, NEED_DATA
 from bastion.protocols.postgres.messages import (
     DataRow,
-    ErrorField,
     Describe,
+    ErrorField,
     ErrorResponse,
     FieldDescription,
     NoticeResponse,
     Parse,
     Query,
-    ReadyForQuery,
 )
 from bastion.policies.model import Column, Decision, Message, Request, ResultShape, Verdict
-
-log = logging.getLogger("bastion.postgres")
 
 # one read from a socket: PostgreSQL itself writes in 8 KiB blocks, and a larger read lets a
 # burst of rows be handled (and forwarded) in one go
@@ -159,10 +163,6 @@ HASH_KEY = "gateway.hash_key"  # target_state: the key pseudonyms of parameters 
 _DEALLOCATE = re.compile(r'\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([^\s;"]+))', re.I)
 
 
-class UpstreamClosed(SessionError):
-    reason = "upstream closed"
-
-
 # --- what the relay remembers --------------------------------------------------------------------
 
 
@@ -183,7 +183,7 @@ class Prepared:
 class Portal:
     """A bound statement: the Bind's judgement (request number) and its result formats."""
 
-    __slots__ = ("name", "statement", "request_no", "judgement", "result_formats", "description", "describing", "plans", "shape")
+    __slots__ = ("name", "statement", "request_no", "judgement", "result_formats", "description", "describing", "plans")
 
     def __init__(self, name: str, statement: Prepared, judgement, result_formats: tuple[int, ...]) -> None:
         self.name = name
@@ -194,7 +194,6 @@ class Portal:
         self.description: tuple[FieldDescription, ...] | None = None
         self.describing = False
         self.plans: Any = _UNSET  # compiled once per portal, on its first rows
-        self.shape: ResultShape | None = None
 
 
 class _Stall(Exception):

@@ -421,7 +421,8 @@ def run_pg_gateway(
     """Serve a ``postgres`` target in front of ``server`` until the block ends.
 
     ``process``: run the gateway in a child process instead of a thread, with the plugin objects
-    returned by the function ``"module:function"`` names (``""`` for the default GrantAll). Use it
+    returned by the function ``"module:function"`` names (``""`` for the default GrantAll, ``"-"``
+    for none: with ``bundle``, the real policy engine alone decides). Use it
     with clients that block in C while holding the GIL (psycopg's ``conn.cancel()``), and for
     measurements; events are then read back from a file, and ``gw.call``/``gw.trail`` are not
     available. ``real_trail``: record to the real audit trail on disk (``var/audit`` under the
@@ -586,7 +587,9 @@ def _serve_in_process(config_path: str, events_path: str, plugins: str, trail_ki
     import importlib
 
     extra: list[object] = []
-    if plugins:
+    if plugins == "-":
+        extra = []  # a policy bundle decides (run_pg_gateway(bundle=..., process="-"))
+    elif plugins:
         module_name, _, function = plugins.partition(":")
         extra = list(getattr(importlib.import_module(module_name), function)())
     else:

@@ -96,6 +96,48 @@ def test_untraced_columns_are_scanned_with_every_recognizer(pg_gateway, patients
         assert SSN not in value and "ann@example.org" not in value
 
 
+class ShapeSpy:
+    """Keeps the result shapes the protocol hands to the transform hook."""
+
+    def __init__(self) -> None:
+        self.shapes = []
+
+    from bastion.core.hookspecs import hookimpl
+
+    @hookimpl
+    def bastion_transform(self, session, request, shape):
+        self.shapes.append(shape)
+        return None
+
+
+def test_result_columns_name_their_table_from_the_catalog_and_their_sources(pg_gateway, patients):
+    spy = ShapeSpy()
+    with pg_gateway(bundle=bundle(), plugins=[spy]) as gw, psycopg.connect(gw.dsn(), autocommit=True) as conn:
+        conn.execute(f"select ssn as x, upper(name) as n, 1 as one from {patients}").fetchall()
+        conn.execute(f"select id, email from {patients} where id = %s", [1], binary=True).fetchall()
+    x, n, one = spy.shapes[0].columns
+    assert x.table == f"public.{patients}" and f"public.{patients}.ssn" in x.sources and x.traced
+    assert n.table is None and f"public.{patients}.name" in n.sources
+    assert one.table is None and not one.sources
+    id_, email = spy.shapes[1].columns
+    assert email.binary and email.type_oid == 25 and email.table == f"public.{patients}"
+
+
+def test_the_catalog_is_refreshed_in_the_background_when_it_is_old(pg_gateway, postgres_server):
+    with pg_gateway(options='catalog_refresh = "1s"') as gw:
+        with psycopg.connect(gw.dsn()) as conn:
+            conn.execute("select 1")
+        name = f"late_{uuid.uuid4().hex[:8]}"
+        postgres_server.execute(f"create table {name} (id int)")  # behind Bastion's back
+
+        def known() -> bool:
+            with psycopg.connect(gw.dsn()) as conn:  # each new session refreshes an old catalog
+                conn.execute("select 1")
+            return f"public.{name}" in gw.call(lambda: gw.gateway.targets["pg"].state["catalog"]).tables
+
+        gw.wait_for(known, timeout=30)
+
+
 def test_prepared_statements_without_a_describe_are_masked(pg_gateway, patients):
     """A client that executes a prepared statement without Describe (asyncpg does so after its
     first prepare) still gets masked rows: Bastion asks the server itself."""
