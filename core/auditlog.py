@@ -313,7 +313,12 @@ def pack(value: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, unicode_errors=UNICODE_ERRORS, strict_map_key=False)
+    """Inverse of :func:`pack`. Strict UTF-8 first (the same values, faster); text holding lone
+    surrogates is decoded again with ``UNICODE_ERRORS``."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except UnicodeDecodeError:
+        return msgpack.unpackb(data, raw=False, unicode_errors=UNICODE_ERRORS, strict_map_key=False)
 
 
 def pack_value(value: Any) -> bytes:
@@ -336,13 +341,22 @@ def _unstructure_body(body: RecordBody) -> dict[str, Any]:
     return {"chain": body.chain, "seq": body.seq, "prev_hash": body.prev_hash, "at": body.at, "type": body.type, "event": body.event}
 
 
-def _structure_body(data: Any, _: type) -> RecordBody:
+def _body_fields(data: Any) -> tuple[str, int, bytes, float, str, dict[str, Any]]:
+    """(chain, seq, prev_hash, at, type, event) of an unpacked body. Raises ValueError when it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("event"), dict):
         raise ValueError("a record body is a map with an event map")
-    body = RecordBody(data["chain"], data["seq"], data["prev_hash"], data["at"], data["type"], data["event"])
-    if not (isinstance(body.chain, str) and type(body.seq) is int and isinstance(body.prev_hash, bytes) and isinstance(body.at, float) and isinstance(body.type, str)):
+    try:
+        fields = (data["chain"], data["seq"], data["prev_hash"], data["at"], data["type"], data["event"])
+    except KeyError as exc:
+        raise ValueError(f"a record body lacks {exc}") from None
+    chain, seq, prev_hash, at, record_type, _ = fields
+    if not (isinstance(chain, str) and type(seq) is int and isinstance(prev_hash, bytes) and isinstance(at, float) and isinstance(record_type, str)):
         raise ValueError("a record body field has the wrong type")
-    return body
+    return fields
+
+
+def _structure_body(data: Any, _: type) -> RecordBody:
+    return RecordBody(*_body_fields(data))
 
 
 converter.register_unstructure_hook(RecordBody, _unstructure_body)
@@ -430,8 +444,7 @@ def decode_block(payload: bytes) -> list[AuditRecord]:
 
 def record_from_body(data: bytes) -> AuditRecord:
     """Rebuild a record from its body bytes (as stored, exported or published)."""
-    body = unpack_value(data, RecordBody)
-    return AuditRecord(body.chain, body.seq, body.prev_hash, body.at, body.type, body.event, data, hashlib.sha256(data).digest())
+    return AuditRecord(*_body_fields(unpack(data)), data, hashlib.sha256(data).digest())
 
 
 def decode_record(frame_bytes: bytes) -> AuditRecord:
