@@ -339,6 +339,8 @@ class _Lane:
         """
         if self._to_thread is None or self._to_trio is None:
             raise auditlog.AuditLogError("the audit writer's thread is not running")
+        if self._call is not None and not self._finished:  # one call at a time: the trail's commits take turns
+            raise RuntimeError("the audit writer's thread is already in a call")
         self._finished, self._value, self._error = False, None, None
         self._call = (function, args)
         self._to_thread.ring()
