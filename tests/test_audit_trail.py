@@ -149,6 +149,35 @@ async def test_a_full_queue_holds_callers_back(tmp_path: Path, monkeypatch) -> N
     assert requests_in(trail.directory) == list(range(audit.QUEUE_CAPACITY + 2))
 
 
+@trio.testing.trio_test
+async def test_closing_while_a_durable_record_waits_for_its_fsync_finishes_that_record_first(tmp_path: Path, monkeypatch) -> None:
+    gate = stalled_fsync(monkeypatch)
+    outcomes = []
+    with trio.fail_after(TEST_DEADLINE):
+        trail = AuditTrail(AuditSection(), tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trail.run)
+            gate.set()
+            await trail.record(judged(0), durable=True)
+            await trail.record(judged(1), durable=True)
+            gate.clear()
+
+            async def statement() -> None:
+                await trail.record(judged(2), durable=True)  # s1 again: writes its own batch, then its fsync stalls
+                outcomes.append("recorded")
+
+            nursery.start_soon(statement)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(trail.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcomes == [] and not trail.healthy  # closing, but the fsync under way is not abandoned
+            gate.set()
+    assert outcomes == ["recorded"]
+    assert requests_in(trail.directory) == [0, 1, 2]
+    report = verify(trail)
+    assert report.ok and report.chains[0].open_segment is None
+
+
 @pytest.fixture
 def disk(monkeypatch):
     """A disk that can fill up: while ``disk.full``, writes stop half way with ENOSPC."""
