@@ -80,6 +80,9 @@ class Runtime:
         self.sessions: dict[str, Session] = {}
         self.accepting = False
         self.approvals: Any = None
+        # Gateway-wide background work that must outlive the session that started it (a target's
+        # catalog refresh, say). Set while the gateway runs; None in a bare Runtime.
+        self.background: trio.Nursery | None = None
 
     def active_sessions(self) -> int:
         return len(self.sessions)
@@ -185,6 +188,7 @@ class Gateway:
                 await runtime.approvals.open()
             # --- end approvals ---
             async with trio.open_nursery() as root:
+                runtime.background = root
                 await root.start(runtime.trail.run)
                 await self._start_identity_providers()
                 if runtime.approvals is not None:  # approvals: watch, sweep, webhooks

@@ -349,7 +349,7 @@ class Relay:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             if self.catalog_reader is not None:
-                catalog.refresh_if_old(self.session.target.state, float(self.options.catalog_refresh), self.catalog_reader, nursery)
+                catalog.refresh_if_old(self.session.target.state, float(self.options.catalog_refresh), self.catalog_reader, self._background())
             nursery.start_soon(self._backend_task, nursery.cancel_scope)
             await self._frontend_task(nursery.cancel_scope)
 
@@ -539,7 +539,12 @@ class Relay:
     async def _before_judging(self) -> None:
         if self.refresh_catalog and self.catalog_reader is not None:
             self.refresh_catalog = False
-            await catalog.wait_fresh(self.session.target.state, self.catalog_reader, self.nursery)
+            await catalog.wait_fresh(self.session.target.state, self.catalog_reader, self._background())
+
+    def _background(self) -> trio.Nursery:
+        # A catalog refresh belongs to the target: a short session that ends must not cancel it
+        # (it would never complete when every session is shorter than the read).
+        return self.session.runtime.background or self.nursery
 
     async def _judge_and_check(self, message: Message, *, kind: str, parameters=()):
         requests, decision = self.session.judge(message)
