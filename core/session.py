@@ -323,6 +323,28 @@ class Session:
         self.runtime.metrics.count_request(self.config.name, decision.verdict.value)
         return Judgement(request_no, tuple(requests), decision, row_review)
 
+    async def give_justification(self, text: str | None, *, kind: str = "statement") -> None:
+        """The caller says why (``SET bastion.justification`` in PostgreSQL): shown to reviewers of
+        this session's later requests. Recorded as a request Bastion answered itself; None clears it.
+        """
+        self.requests += 1
+        shown = None if text is None else self._record_masker()(text)
+        await self.record(
+            events.RequestJudged(
+                session_id=self.id,
+                request_no=self.requests,
+                identity=self.identity.subject if self.identity else "",
+                target=self.config.name,
+                kind=kind,
+                statements=("SET bastion.justification = ?" if text is not None else "RESET bastion.justification",),
+                actions=("set",),
+                verdict=Verdict.ALLOW.value,
+                rules=("bastion:justification",),
+                reasons=(f"justification: {shown}" if shown is not None else "justification cleared",),
+            ),
+        )
+        self.justification = text
+
     async def approve_rows(self, judgement: Judgement, rows_sent: int) -> Decision:
         """A result reached its review threshold: hold it until a reviewer decides.
 

@@ -29,6 +29,12 @@ How a refusal is delivered
     right transaction status. The frontend discards the caller's messages up to that Sync, as the
     server would. Refusals for "audit unavailable" and unparsable statements go the same way.
 
+Statements Bastion answers itself
+    ``SET bastion.justification = '…'`` (see :mod:`bastion.protocols.postgres.gateway_settings`)
+    is never forwarded: the server gets an empty statement in its place (so ordering and the
+    transaction status stay the server's), and the backend pump answers the caller ``SET``
+    instead of the EmptyQueryResponse.
+
 Reviews
     A statement the policy sends to a reviewer waits in ``session.check``; meanwhile the caller is
     told so with a NOTICE (``session.notify``) and is read only to notice a hang-up, which
@@ -80,17 +86,20 @@ import trio
 from bastion.core import events
 from bastion.core.errors import ClientProtocolError, SessionError
 from bastion.core.hooks import HookError
+from bastion.core.session import Judgement
 from bastion.plugins import postgres_catalog as catalog
 from bastion.plugins import postgres_login as login
 from bastion.plugins.postgres_io import Channel, Gate
 from bastion.protocols.postgres import codec
 from bastion.protocols.postgres.errors import ProtocolError
 from bastion.protocols.postgres.framing import END_OF_STREAM, NEED_DATA
+from bastion.protocols.postgres.gateway_settings import GatewaySetting, SettingError, read_gateway_setting
 from bastion.protocols.postgres.messages import (
     DataRow,
     Describe,
     ErrorField,
     ErrorResponse,
+    CommandComplete,
     FieldDescription,
     NoticeResponse,
     Parse,
@@ -134,6 +143,10 @@ FEATURE_NOT_SUPPORTED = "0A000"
 POISON_TEXT = "BASTION REFUSED THIS STATEMENT"
 POISON_PARSE = codec.encode(Parse("bastion_refused", POISON_TEXT))
 POISON_QUERY = codec.encode(Query(POISON_TEXT))
+EMPTY_QUERY = codec.encode(Query(""))  # stands in for a statement Bastion answers itself
+SET_COMPLETE = codec.encode(CommandComplete("SET"))
+# The Bind of a statement Bastion answers itself: nothing to authorize (it reaches no data).
+_ANSWERED_BY_BASTION = Judgement(0, (), Decision.allow("bastion:settings", "Bastion answers this statement itself"))
 
 # client encodings whose text is read correctly as UTF-8 (the codec reads strings as UTF-8):
 # SQL_ASCII passes the database's UTF-8 bytes through unconverted. Names are compared the way
@@ -169,9 +182,10 @@ _DEALLOCATE = re.compile(r'\s*deallocate\s+(?:prepare\s+)?(?:"((?:[^"]|"")+)"|([
 class Prepared:
     """A statement the caller prepared, with its judged requests and what the server described."""
 
-    __slots__ = ("name", "message", "requests", "param_types", "description", "describing")
+    __slots__ = ("name", "message", "requests", "param_types", "description", "describing", "setting")
 
     def __init__(self, name: str, message: Message, requests: tuple, param_types: tuple[int, ...]) -> None:
+        self.setting: GatewaySetting | None = None  # a SET bastion.* Bastion answers when executed
         self.name = name
         self.message = message
         self.requests = requests
@@ -240,7 +254,7 @@ class Names:
 class _Entry:
     """One message the server owes an answer to."""
 
-    __slots__ = ("kind", "batch", "request_no", "requests", "obj", "name", "refusal", "swallow", "started", "index", "failed", "judgement")
+    __slots__ = ("kind", "batch", "request_no", "requests", "obj", "name", "refusal", "swallow", "started", "index", "failed", "judgement", "answer")
 
     def __init__(self, kind: int, batch: int = 0) -> None:
         self.kind = kind
@@ -255,6 +269,7 @@ class _Entry:
         self.index = 0  # simple Query: which statement's result comes next
         self.failed = False
         self.judgement: Any = None  # kept when its result must pause for a reviewer (rows_over)
+        self.answer: bytes | None = None  # Bastion's own answer in place of an EmptyQueryResponse
 
 
 class _Result:
@@ -604,6 +619,32 @@ class Relay:
             )
         )
 
+    async def _refuse_setting(self, exc: SettingError, *, extended: bool = False) -> None:
+        """A ``SET bastion.*`` Bastion will not take: refused like a denied statement, recorded."""
+        self.session.requests += 1
+        await self.session.record(
+            events.RequestJudged(
+                session_id=self.session.id,
+                request_no=self.session.requests,
+                identity=self.session.identity.subject if self.session.identity else "",
+                target=self.session.config.name,
+                kind="parse" if extended else "statement",
+                statements=("SET bastion.* ?",),
+                actions=("set",),
+                verdict=Verdict.DENY.value,
+                rules=("bastion:settings",),
+                reasons=(exc.message,),
+            )
+        )
+        refusal = codec.encode(ErrorResponse.build(exc.sqlstate, exc.message))
+        if extended:
+            self._refuse_extended(refusal)
+            return
+        entry = _Entry(QUERY)
+        entry.refusal = refusal
+        self._up(POISON_QUERY)
+        self._terminate_batch(entry)
+
     def _refuse_extended(self, refusal: bytes) -> None:
         """Replace the current extended-protocol message with the poison; skip to Sync."""
         entry = _Entry(REFUSED, self.batch)
@@ -614,6 +655,18 @@ class Relay:
 
     async def _query(self, body: bytes) -> None:
         text = codec.decode_frontend(b"Q", body).query
+        try:
+            setting = read_gateway_setting(text)
+        except SettingError as exc:
+            await self._refuse_setting(exc)
+            return
+        if setting is not None:
+            await self.session.give_justification(setting.value)
+            entry = _Entry(QUERY)
+            entry.answer = SET_COMPLETE
+            self._up(EMPTY_QUERY)
+            self._terminate_batch(entry)
+            return
         await self._before_judging()
         message = Message("postgres", "statement", text=text, dialect="postgres")
         judgement = await self._judge_and_check(message, kind="statement")
@@ -632,6 +685,23 @@ class Relay:
 
     async def _parse(self, body: bytes) -> None:
         parse = codec.decode_frontend(b"P", body)
+        try:
+            setting = read_gateway_setting(parse.query)
+        except SettingError as exc:
+            await self._refuse_setting(exc, extended=True)
+            return
+        if setting is not None:
+            # the server prepares an empty statement under the caller's name; Execute answers SET
+            statement = Prepared(parse.name, Message("postgres", "statement", text="", dialect="postgres"), (), parse.param_type_oids)
+            statement.setting = setting
+            body = codec.encode(Parse(parse.name, "", parse.param_type_oids))[5:]
+            self.statements.define(parse.name, statement, self.batch)
+            entry = _Entry(PARSE, self.batch)
+            entry.name = parse.name
+            entry.obj = statement
+            self.pending.append(entry)
+            self._up(_HEADER.pack(b"P", len(body) + 4) + body)
+            return
         await self._before_judging()
         session = self.session
         message = Message("postgres", "statement", text=parse.query, dialect="postgres")
@@ -656,13 +726,16 @@ class Relay:
             self._refuse_extended(codec.encode(ErrorResponse.build(UNDEFINED_STATEMENT, f"{name} does not exist")))
             return
         session = self.session
-        parameters = _masked_parameters(bind.params, bind.param_formats, statement.param_types, self._hash_key())
-        requests = list(statement.requests)
-        decision = authorize_requests(session, requests)
-        judgement = await self._check(statement.message, kind="execute", parameters=parameters, judged=(requests, decision))
-        if not judgement.allowed:
-            self._refuse_extended(self._refusal(judgement))
-            return
+        if statement.setting is not None:
+            judgement = _ANSWERED_BY_BASTION  # nothing reaches the server: recorded when executed
+        else:
+            parameters = _masked_parameters(bind.params, bind.param_formats, statement.param_types, self._hash_key())
+            requests = list(statement.requests)
+            decision = authorize_requests(session, requests)
+            judgement = await self._check(statement.message, kind="execute", parameters=parameters, judged=(requests, decision))
+            if not judgement.allowed:
+                self._refuse_extended(self._refusal(judgement))
+                return
         portal = Portal(bind.portal, statement, judgement, bind.result_formats)
         self.portals.define(bind.portal, portal, self.batch)
         entry = _Entry(BIND, self.batch)
@@ -677,6 +750,14 @@ class Relay:
         portal = await self._lookup(self.portals, execute.portal)
         if portal is None:
             self._refuse_extended(codec.encode(ErrorResponse.build(UNDEFINED_CURSOR, f'portal "{execute.portal}" does not exist')))
+            return
+        if portal.statement.setting is not None:
+            await self.session.give_justification(portal.statement.setting.value, kind="execute")
+            entry = _Entry(EXECUTE, self.batch)
+            entry.obj = portal
+            entry.answer = SET_COMPLETE
+            self.pending.append(entry)
+            self._up(_HEADER.pack(b"E", len(body) + 4) + body)
             return
         if not portal.describing and portal.description is None and not portal.statement.describing and portal.statement.description is None:
             # nobody asked what the rows look like: ask, so they can be masked, and keep the answer
@@ -886,7 +967,10 @@ class Relay:
             else:
                 entry.index += 1
             self.result = None
-            self._forward(kind, body)
+            if entry.answer is not None:
+                self._down(entry.answer)  # the empty statement stood in for a SET Bastion answered
+            else:
+                self._forward(kind, body)
         elif kind == b"s":
             entry = self._expect(EXECUTE)
             self._pop()

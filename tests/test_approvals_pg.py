@@ -77,9 +77,9 @@ def wait_for_pending(gw) -> str:
 class Caller(threading.Thread):
     """A psycopg session running one statement in the background (it will be held)."""
 
-    def __init__(self, dsn: str, sql: str) -> None:
+    def __init__(self, dsn: str, sql: str, before: tuple[str, ...] = ()) -> None:
         super().__init__(daemon=True)
-        self.dsn, self.sql = dsn, sql
+        self.dsn, self.sql, self.before = dsn, sql, before
         self.rowcount: int | None = None
         self.error: BaseException | None = None
         self.notices: list[str] = []
@@ -88,6 +88,8 @@ class Caller(threading.Thread):
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 conn.add_notice_handler(lambda diagnostic: self.notices.append(diagnostic.message_primary or ""))
+                for statement in self.before:
+                    conn.execute(statement)
                 self.rowcount = conn.execute(self.sql).rowcount
                 assert conn.execute("select 1").fetchone() == (1,)  # the session goes on afterwards
         except BaseException as exc:  # noqa: BLE001 - inspected by the test
@@ -209,6 +211,58 @@ def test_the_held_caller_is_told_the_request_id_and_how_to_approve(pg_gateway):
         notice = caller.notices[0]
         assert approval_id in notice and f"bastion approvals approve {approval_id} -c {gw.directory / 'bastion.toml'}" in notice
         assert f"POST http://{gw.gateway.admin_address}/approvals/{approval_id}/approve" in notice
+
+
+def test_the_callers_justification_reaches_the_reviewer_and_never_the_server(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        reason = "ticket OPS-9: remove the row the import duplicated"
+        with psycopg.connect(gw.dsn(), autocommit=True) as conn:
+            # answered by Bastion: the server never holds it as a placeholder setting
+            assert conn.execute("SET bastion.justification = 'scratch'").statusmessage == "SET"
+            assert conn.execute("select current_setting('bastion.justification', true)").fetchone() == (None,)
+            with pytest.raises(pg_errors.SyntaxError, match="send it on its own"):
+                conn.execute("select 1; SET bastion.justification = 'hidden'")
+            with pytest.raises(pg_errors.UndefinedObject, match="bastion.approver"):
+                conn.execute("SET bastion.approver = 'me'")
+            assert conn.execute("select 2").fetchone() == (2,)  # the session goes on
+        caller = Caller(gw.dsn(), f"delete from {table} where id = 2", before=(f"SET bastion.justification TO '{reason}'",))
+        caller.start()
+        approval_id = wait_for_pending(gw)
+        (entry,) = json.loads(cli(gw, "list", "--json", token=ALICE_TOKEN).stdout)["approvals"]
+        assert entry["id"] == approval_id and entry["justification"] == reason
+        shown = cli(gw, "show", approval_id, token=ALICE_TOKEN)
+        assert reason in shown.stdout
+        cli(gw, "approve", approval_id, token=ALICE_TOKEN)
+        assert caller.outcome() == (1, None)
+        given = [e for e in gw.events_of(events.RequestJudged) if e.rules == ("bastion:justification",)]
+        assert [e.reasons for e in given][-1] == (f"justification: {reason}",)
+        refused = [e for e in gw.events_of(events.RequestJudged) if e.rules == ("bastion:settings",)]
+        assert len(refused) == 2 and all(e.verdict == "deny" for e in refused)
+
+
+def test_asyncpg_gives_a_justification_in_both_protocols(pg_gateway):
+    asyncpg = pytest.importorskip("asyncpg")
+    import asyncio
+
+    async def scenario(gw):
+        conn = await asyncpg.connect(host=gw.host, port=gw.port, user="ci-bot", password=TOKEN, database="postgres", ssl=False)
+        try:
+            assert await conn.execute("SET bastion.justification = 'simple protocol'") == "SET"
+            statement = await conn.prepare("SET bastion.justification = $$extended protocol$$")
+            assert await statement.fetch() == []
+            assert await conn.fetchval("select current_setting('bastion.justification', true)") is None
+            assert await conn.fetchval("select 3") == 3
+        finally:
+            await conn.close()
+
+    with start(pg_gateway) as gw:
+        asyncio.run(asyncio.wait_for(scenario(gw), WAIT))
+        given = [e for e in gw.events_of(events.RequestJudged) if e.rules == ("bastion:justification",)]
+        assert [(e.kind, e.reasons) for e in given] == [
+            ("statement", ("justification: simple protocol",)),
+            ("execute", ("justification: extended protocol",)),
+        ]
 
 
 def test_a_caller_that_hangs_up_while_held_cancels_its_request(pg_gateway):
