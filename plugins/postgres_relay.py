@@ -318,6 +318,7 @@ class Relay:
         self.upstream_key = upstream.secret_key
         self.rows_approved: set[int] = set()  # requests whose results a reviewer let through
         self.descriptions: dict[bytes, tuple[FieldDescription, ...]] = {}
+        self.shapes: dict[tuple, tuple] = {}  # see _shape
         self.unrecorded: list[int] = []  # requests the server skipped, to record as not run
         self.answered: set[int] = set()  # requests of the current batch already recorded as failed
         self.hooks = session.hooks
@@ -1096,6 +1097,20 @@ class Relay:
         columns_map = self.session.target.state.get(catalog.COLUMNS_KEY) or {}
         analysis = getattr(request, "analysis", None)
         outputs = getattr(analysis, "output_columns", None) or ()
+        # A session asks the same few shapes again and again: the same description object (see
+        # _fields), the same analysis outputs (the analysis cache) and the same catalog make the
+        # same shape. Identity, not equality, so a lookup costs no hashing of the parts.
+        key = (id(fields), formats, id(outputs), id(columns_map))
+        known = self.shapes.get(key)
+        if known is not None and known[0] is fields and known[1] is outputs and known[2] is columns_map:
+            return known[3]
+        shape = self._new_shape(fields, formats, outputs, columns_map)
+        if len(self.shapes) >= DESCRIPTION_CACHE:
+            self.shapes.clear()
+        self.shapes[key] = (fields, outputs, columns_map, shape)
+        return shape
+
+    def _new_shape(self, fields, formats, outputs, columns_map) -> ResultShape:
         if len(outputs) != len(fields):
             outputs = ()
         columns = []
