@@ -1264,14 +1264,18 @@ class Relay:
     def _session_effects(self, requests, tag: str) -> None:
         """What a statement that succeeded changes in the session: prepared statements, cursors,
         the search path (through the SQL plugin's memory) and the schema (the catalog)."""
-        analysed = []
+        analysed = False
+        effective = []  # only statements with a session effect need the SQL plugin's memory
         for request in requests:
             if getattr(request, "action", "") in _DDL_ACTIONS:
                 self.ddl_seen = True
             analysis = getattr(request, "analysis", None)
             if analysis is not None:
-                analysed.append(request)
+                analysed = True
                 effect = analysis.session_effect
+                if not effect:
+                    continue
+                effective.append(request)
                 if effect == "deallocate" and analysis.statement_name is not None:
                     self.statements.confirmed.pop(analysis.statement_name, None)
                     self.statements.speculative.pop(analysis.statement_name, None)
@@ -1279,8 +1283,9 @@ class Relay:
                     self.statements.clear()
                     if effect == "discard-all":
                         self.portals.clear()
+        if effective:
+            _apply_confirmed(self.session_state, effective)
         if analysed:
-            _apply_confirmed(self.session_state, analysed)
             return
         # no analysis (a parser that gives none): go by the command tag, erring towards forgetting
         if tag == "DEALLOCATE ALL" or tag == "DISCARD ALL":
