@@ -1162,7 +1162,7 @@ class Relay:
             await self._pause_for_review(result)
             if result.withheld:
                 return
-        values = list(codec.decode_backend(b"D", body).values)
+        values = codec.data_row_values(body)
         try:
             for plan in result.plans:
                 plan.apply(values)
@@ -1170,7 +1170,7 @@ class Relay:
             result.withheld = str(exc) or type(exc).__name__
             return
         if result.plans:
-            wire = codec.encode(DataRow(tuple(values)))
+            wire = codec.encode_data_row_values(values)
         else:
             wire = _HEADER.pack(b"D", len(body) + 4) + body
         result.bytes += len(wire)

@@ -501,3 +501,28 @@ def test_secrets_stay_out_of_reprs() -> None:
     assert "hunter2" not in repr(pg.PasswordMessage("hunter2"))
     assert "r=secret" not in repr(pg.SASLResponse(b"r=secret"))
     assert "123-45-6789" not in repr(pg.DataRow((b"123-45-6789",)))
+
+
+# --- the relay's per-row helpers -------------------------------------------------------------------------
+
+
+@given(st.lists(st.none() | st.binary(max_size=40), max_size=20))
+def test_row_values_helpers_agree_with_the_message_codec(row):
+    from bastion.protocols.postgres import codec
+
+    wire = codec.encode(pg.DataRow(tuple(row)))
+    assert codec.encode_data_row_values(row) == wire
+    assert codec.data_row_values(wire[5:]) == row
+
+
+@given(st.binary(max_size=60))
+def test_row_values_of_arbitrary_bytes_are_values_or_a_protocol_error(body):
+    from bastion.protocols.postgres import codec
+
+    try:
+        expected = list(codec.decode_backend(b"D", body).values)
+    except pg.ProtocolError:
+        with pytest.raises(pg.ProtocolError):
+            codec.data_row_values(body)
+    else:
+        assert codec.data_row_values(body) == expected

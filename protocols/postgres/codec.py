@@ -932,6 +932,36 @@ def resolve_formats(codes: tuple[int, ...], count: int) -> tuple[int, ...]:
     return resolved
 
 
+def data_row_values(body: bytes) -> list[bytes | None]:
+    """A DataRow body's values as a list the caller may rewrite in place.
+
+    The same checks as ``decode_backend(b"D", body).values``, without building the message: a
+    filter that rewrites rows does this once per row, so the object is pure cost there.
+    """
+    try:
+        values, pos = _values(body, 0)
+    except struct.error as exc:
+        raise _violation("malformed DataRow") from exc
+    if pos != len(body):
+        raise _violation("DataRow has bytes past its last value")
+    return list(values)
+
+
+def encode_data_row_values(values: list[bytes | None] | tuple[bytes | None, ...]) -> bytes:
+    """The complete wire bytes of a DataRow carrying ``values`` (what ``encode(DataRow(values))``
+    gives, for the same per-row reason as :func:`data_row_values`)."""
+    return _encode_data_row(_RowValues(values))
+
+
+class _RowValues:
+    """Just enough of a DataRow for its encoder."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values) -> None:
+        self.values = values
+
+
 def password_kind_for(request: BackendMessage) -> str | None:
     """The password kind of the client's answer to an Authentication request, or None when
     the request expects no answer (AuthenticationOk, SASLFinal) or is not one."""
