@@ -2,6 +2,11 @@
 
 Each method says what failure means, so that every call site fails closed the same way: an
 exception in a decision hook becomes a deny, never a silent allow.
+
+The per-statement hooks (parse, authorize, transform, text transform, record) run several times
+for every statement, so they go through :class:`_Direct`, which calls the implementations in
+pluggy's order with pluggy's result rules but without its general machinery, whenever that is the
+same thing (see there); otherwise they go through pluggy.
 """
 
 from __future__ import annotations
@@ -29,10 +34,96 @@ class HookError(Exception):
     pass
 
 
+# pluggy's own executor, as every manager starts with it; tracing and call monitoring replace it
+_PLUGGY_EXECUTE = pluggy.PluginManager("bastion-probe")._inner_hookexec
+
+
+class _Direct:
+    """One hook, called the way pluggy's executor calls it, minus what only wrappers need.
+
+    pluggy calls implementations last registered first (``tryfirst``/``trylast`` already sorted
+    into its list), passes each the arguments it names, collects the non-None results (stops at
+    the first one for a ``firstresult`` hook) and lets an exception propagate unchanged. That is
+    all this does, for the call order pluggy's list has at the time of the call: the list is
+    compared with the one last resolved on every call (a few identity comparisons), so a plugin
+    registered or unregistered takes effect at once.
+
+    It steps aside (the call goes through pluggy) whenever it would not be the same thing: an
+    implementation that is a wrapper or has defaulted arguments, a hook without a spec, or a
+    manager whose executor was replaced (``enable_tracing``, ``add_hookcall_monitoring``).
+    """
+
+    __slots__ = ("_pm", "_caller", "_names", "_seen", "_calls")
+
+    def __init__(self, pm: pluggy.PluginManager, name: str) -> None:
+        self._pm = pm
+        self._caller = getattr(pm.hook, name)
+        spec = self._caller.spec
+        self._names: tuple[str, ...] | None = tuple(spec.argnames) if spec is not None else None
+        self._seen: list[Any] | None = None
+        self._calls: tuple[tuple[Any, tuple[int, ...] | None], ...] | None = None
+
+    def _plan(self) -> tuple[tuple[Any, tuple[int, ...] | None], ...] | None:
+        """(function, positions of its arguments or None for all) in call order; None: use pluggy."""
+        if self._pm._inner_hookexec is not _PLUGGY_EXECUTE:
+            return None
+        impls = self._caller._hookimpls
+        if impls != self._seen:  # list equality: the same implementation objects, in order
+            self._seen = list(impls)
+            self._calls = self._resolve(self._seen)
+        return self._calls
+
+    def _resolve(self, impls: list[Any]) -> tuple[tuple[Any, tuple[int, ...] | None], ...] | None:
+        names = self._names
+        if names is None:
+            return None
+        everything = tuple(range(len(names)))
+        calls = []
+        for impl in reversed(impls):
+            if impl.wrapper or impl.hookwrapper or impl.kwargnames:
+                return None
+            if not set(impl.argnames) <= set(names):
+                return None
+            positions = tuple(names.index(argname) for argname in impl.argnames)
+            calls.append((impl.function, None if positions == everything else positions))
+        return tuple(calls)
+
+    def first(self, *args: Any) -> Any:
+        """A ``firstresult`` hook: the first non-None result, or None."""
+        calls = self._plan()
+        if calls is None:
+            return self._caller(**dict(zip(self._names or (), args, strict=True)))
+        for function, positions in calls:
+            result = function(*args) if positions is None else function(*[args[i] for i in positions])
+            if result is not None:
+                return result
+        return None
+
+    def all(self, *args: Any) -> list[Any]:
+        """Every non-None result, in call order."""
+        calls = self._plan()
+        if calls is None:
+            return self._caller(**dict(zip(self._names or (), args, strict=True)))
+        results = []
+        for function, positions in calls:
+            result = function(*args) if positions is None else function(*[args[i] for i in positions])
+            if result is not None:
+                results.append(result)
+        return results
+
+    def has_implementations(self) -> bool:
+        return bool(self._caller._hookimpls)
+
+
 class Hooks:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._hook = pm.hook
+        self._parse = _Direct(pm, "bastion_parse")
+        self._authorize = _Direct(pm, "bastion_authorize")
+        self._transform = _Direct(pm, "bastion_transform")
+        self._text_transform = _Direct(pm, "bastion_text_transform")
+        self._record = _Direct(pm, "bastion_record")
         self._protocols: dict[str, ProtocolSpec] | None = None
         self._identity: dict[str, IdentityProviderSpec] | None = None
         self._sinks: dict[str, SinkSpec] | None = None
@@ -72,7 +163,7 @@ class Hooks:
     def parse(self, session: SessionInfo, message: Message) -> list[Request]:
         """Never raises: a parser that fails or a message nobody understands is ``unknown``."""
         try:
-            requests = self._hook.bastion_parse(session=session, message=message)
+            requests = self._parse.first(session, message)
         except Exception as exc:
             log.exception("parse hook failed on session %s", session.id)
             return [Request.unknown(message, f"the parser failed ({type(exc).__name__})")]
@@ -83,7 +174,7 @@ class Hooks:
     def authorize(self, session: SessionInfo, request: Request) -> Decision:
         """The combined decision. Never raises: a failing policy denies (fail closed)."""
         try:
-            decisions = [d for d in self._hook.bastion_authorize(session=session, request=request) if d is not None]
+            decisions = self._authorize.all(session, request)
         except Exception as exc:
             log.exception("authorize hook failed on session %s", session.id)
             return Decision.deny("policy-error", f"policy evaluation failed ({type(exc).__name__}); denied to be safe")
@@ -92,7 +183,7 @@ class Hooks:
     def transform(self, session: SessionInfo, request: Request | None, shape: ResultShape) -> list[Any]:
         """Row plans for a result. Raises HookError: the caller must refuse the result."""
         try:
-            return [plan for plan in self._hook.bastion_transform(session=session, request=request, shape=shape) if plan is not None]
+            return self._transform.all(session, request, shape)
         except Exception as exc:
             log.exception("transform hook failed on session %s", session.id)
             raise HookError(f"cannot prepare the result ({type(exc).__name__})") from exc
@@ -100,7 +191,7 @@ class Hooks:
     def text_transform(self, session: SessionInfo, text: str) -> str:
         """Rewrite echoed free text. Raises HookError: the caller must withhold the text."""
         try:
-            for result in self._hook.bastion_text_transform(session=session, text=text):
+            for result in self._text_transform.all(session, text):
                 if result is not None:
                     text = result
         except Exception as exc:
@@ -109,11 +200,11 @@ class Hooks:
         return text
 
     def has_text_transforms(self) -> bool:
-        return bool(self._hook.bastion_text_transform.get_hookimpls())
+        return self._text_transform.has_implementations()
 
     def record(self, event: AuditEvent) -> None:
         try:
-            self._hook.bastion_record(event=event)
+            self._record.all(event)
         except Exception:
             log.exception("a record hook failed (the event is kept)")
 

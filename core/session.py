@@ -142,6 +142,8 @@ class Session:
         self.notify: Callable[[str], Awaitable[None]] | None = None
         # the caller's reason for what it is about to do, shown to reviewers
         self.justification: str | None = None
+        # (policy, its masker) for what the audit trail keeps, built on first use
+        self._masker: tuple[Any, masking.TextMasker] | None = None
 
     # --- snapshot for hooks ---------------------------------------------------------------------
 
@@ -379,20 +381,23 @@ class Session:
         """
         if isinstance(event, events.ResultRows):
             mask = self._record_masker()
-            return attrs.evolve(event, rows=tuple(tuple(None if cell is None else mask(cell) for cell in row) for row in event.rows))
+            rows = event.rows
+            masked = tuple(tuple(None if cell is None else mask(cell) for cell in row) for row in rows)
+            return event if masked == rows else attrs.evolve(event, rows=masked)
         if isinstance(event, events.ResponseCompleted) and event.error_message:
-            return attrs.evolve(event, error_message=self._record_masker()(event.error_message))
+            masked_message = self._record_masker()(event.error_message)
+            return event if masked_message == event.error_message else attrs.evolve(event, error_message=masked_message)
         return event
 
     def _record_masker(self) -> Callable[[str], str]:
-        custom = tuple(getattr(self._info.policy, "recognizers", ()) or ())
-
-        def mask(text: str) -> str:
-            if not text or (text.isascii() and text.isalpha()):  # nothing a recognizer could find
-                return text
-            return masking.mask_text(text, custom=custom)[0]
-
-        return mask
+        """Every free-text recognizer (the built-in ones and the policy's own), compiled once per
+        session; raises MaskingConfigError when the policy's recognizers cannot be compiled."""
+        policy = self._info.policy
+        cached = self._masker
+        if cached is None or cached[0] is not policy:
+            custom = tuple(getattr(policy, "recognizers", ()) or ())
+            cached = self._masker = (policy, masking.TextMasker(custom))
+        return cached[1]
 
     async def record_response(self, request_no: int, status: str, **fields: Any) -> None:
         await self.record(events.ResponseCompleted(session_id=self.id, request_no=request_no, status=status, **fields))

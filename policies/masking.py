@@ -1219,6 +1219,44 @@ def mask_text(
     return masked.decode("utf-8", "surrogateescape"), dict(counts)
 
 
+# every echoed-value pattern above needs one of these characters
+_ECHO_MARKS = ("(", '"')
+
+
+class TextMasker:
+    """``mask_text(text, custom=custom)[0]`` (every free-text recognizer, redact, echoed values),
+    with everything that does not depend on the text done once.
+
+    The audit trail masks every cell of every recorded row again, so this is per cell: a value in
+    which no recognizer finds anything (most of them) costs a substring test, an encode and one
+    scan. Raises :class:`MaskingConfigError` when built, as ``mask_text`` would on every call.
+    """
+
+    __slots__ = ("_find", "_recognizers", "_strategies", "_keyed")
+
+    def __init__(self, custom: Sequence[RecognizerRule] = ()) -> None:
+        custom = tuple(custom)
+        try:
+            scanner = compile_scanner(FREE_TEXT_RECOGNIZERS + tuple(r.name for r in custom), custom, scoped=False)
+        except RecognizerError as exc:
+            raise MaskingConfigError(str(exc)) from None
+        self._find = scanner.find
+        self._recognizers = scanner.recognizers
+        self._strategies = dict.fromkeys(scanner.names, "redact")
+        self._keyed = _Keyed(b"")
+
+    def __call__(self, text: str) -> str:
+        if _ECHO_MARKS[0] in text or _ECHO_MARKS[1] in text:
+            text = _redact_echoed_values(text)[0]
+        data = text.encode("utf-8", "surrogateescape")
+        spans = self._find(data)
+        if not spans:
+            return text
+        masked = _rewrite_spans(data, spans, self._strategies, self._recognizers, self._keyed)
+        assert masked is not None  # redact never NULLs
+        return masked.decode("utf-8", "surrogateescape")
+
+
 def mask_literal_values(
     values: Sequence[bytes | None],
     formats: Sequence[int] = (),

@@ -216,6 +216,8 @@ class Decision:
         says what they would have done, but they never change the verdict.
         """
         decisions = list(decisions)
+        if len(decisions) == 1 and type(decisions[0]) is cls and decisions[0]._combined_alone():
+            return decisions[0]  # exactly what the general case below would build, without its cost
         enforced = [d for d in decisions if d.enforced]
         if not enforced:
             verdict = Verdict.DENY
@@ -239,6 +241,17 @@ class Decision:
             tuple(reasons),
             ",".join(versions),
             reviews if verdict is Verdict.REVIEW else (),
+        )
+
+    def _combined_alone(self) -> bool:
+        """Whether ``combine([self])`` equals ``self``: enforced, no rule or reason twice, no
+        review requirements unless the verdict is review."""
+        rules, reasons = self.rules, self.reasons
+        return (
+            self.enforced
+            and (self.verdict is Verdict.REVIEW or not self.reviews)
+            and (len(rules) < 2 or len(set(rules)) == len(rules))
+            and (len(reasons) < 2 or len(set(reasons)) == len(reasons))
         )
 
     @property
