@@ -292,19 +292,14 @@ class Session:
                 )
             else:
                 decision = await self.runtime.review(self, request_no, requests, decision)
-        findings = {f.name: f for r in requests for f in r.findings}
+        identity = self._info.identity
         event = events.RequestJudged(
             session_id=self.id,
             request_no=request_no,
-            identity=self.identity.subject if self.identity else "",
-            target=self.config.name,
+            identity=identity.subject if identity else "",
+            target=self.target.config.name,
             kind=kind or message.kind,
-            statements=tuple(r.redacted_text for r in requests),
-            actions=tuple(r.action for r in requests),
-            fingerprints=tuple(r.fingerprint for r in requests if r.fingerprint),
-            tables=tuple(sorted({t for r in requests for t in r.tables})),
-            findings=tuple(events.FindingRecord(name=f.name, weight=f.weight, sentence=f.sentence) for f in findings.values()),
-            risk=max((r.risk for r in requests), default=0),
+            **_described(requests),
             parameters=tuple(parameters),
             verdict=decision.verdict.value,
             rules=decision.rules,
@@ -464,6 +459,33 @@ class Session:
                 error=error,
             )
         )
+
+
+def _described(requests: Sequence[Request]) -> dict[str, Any]:
+    """What the audit trail keeps of a message's requests (the request record's fields)."""
+    if len(requests) == 1:  # nearly every message: the same fields, built directly
+        (request,) = requests
+        findings = request.findings
+        if findings and len({f.name for f in findings}) != len(findings):
+            findings = tuple({f.name: f for f in findings}.values())
+        tables = request.tables_read | request.tables_written
+        return {
+            "statements": (request.redacted_text,),
+            "actions": (request.action,),
+            "fingerprints": (request.fingerprint,) if request.fingerprint else (),
+            "tables": tuple(sorted(tables)) if len(tables) > 1 else tuple(tables),
+            "findings": tuple(events.FindingRecord(name=f.name, weight=f.weight, sentence=f.sentence) for f in findings),
+            "risk": request.risk if findings else 0,
+        }
+    findings_by_name = {f.name: f for r in requests for f in r.findings}
+    return {
+        "statements": tuple(r.redacted_text for r in requests),
+        "actions": tuple(r.action for r in requests),
+        "fingerprints": tuple(r.fingerprint for r in requests if r.fingerprint),
+        "tables": tuple(sorted({t for r in requests for t in r.tables})),
+        "findings": tuple(events.FindingRecord(name=f.name, weight=f.weight, sentence=f.sentence) for f in findings_by_name.values()),
+        "risk": max((r.risk for r in requests), default=0),
+    }
 
 
 def combine_statements(decisions: list[Decision]) -> Decision:

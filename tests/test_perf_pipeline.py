@@ -21,7 +21,7 @@ from bastion.core.hookspecs import PROJECT, hookimpl
 from bastion.core.plugins import build_plugin_manager
 from bastion.core.session import Session
 from bastion.policies.masking import TextMasker, mask_text
-from bastion.policies.model import Decision, Identity, Message, RecognizerRule, Request, ReviewRequirement, Verdict
+from bastion.policies.model import Decision, Finding, Identity, Message, RecognizerRule, Request, ReviewRequirement, Verdict
 
 # --- the hook facade ------------------------------------------------------------------------------
 
@@ -308,3 +308,74 @@ def test_the_record_masker_follows_the_sessions_policy():
         id=session.id, target=session._info.target, client="c", policy=types.SimpleNamespace(recognizers=CUSTOM)
     )
     assert session._for_the_record(rows).rows == (("[REDACTED]",),)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def _samples(text: bytes) -> set[str]:
+    """The exposition's lines, without HELP/TYPE comments and created timestamps' values."""
+    lines = set()
+    for line in text.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_and_labels, _, value = line.rpartition(" ")
+        lines.add(name_and_labels if "_created" in name_and_labels else line)
+    return lines
+
+
+def test_tallied_counters_are_exposed_as_prometheus_counters():
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from bastion.core.metrics import Metrics
+
+    metrics = Metrics()
+    reference = CollectorRegistry()
+    requests = Counter("bastion_requests", "Statement-bearing messages judged", ["target", "verdict"], registry=reference)
+    records = Counter("bastion_audit_records", "Audit events recorded", ["type"], registry=reference)
+    for target, verdict in [("db", "allow"), ("db", "allow"), ("db", "deny"), ("other", "allow")]:
+        metrics.count_request(target, verdict)
+        requests.labels(target, verdict).inc()
+    for event_type in ["request", "response", "request"]:
+        metrics.count_record(event_type)
+        records.labels(event_type).inc()
+    rendered = metrics.render().decode()
+    assert _samples(generate_latest(reference)) <= _samples(rendered.encode())
+    assert 'bastion_requests_total{target="db",verdict="allow"} 2.0' in rendered
+    assert "# TYPE bastion_audit_records_total counter" in rendered
+    assert metrics.requests.value("db", "deny") == 1
+
+
+# --- what the request record keeps ----------------------------------------------------------------
+
+_findings = st.lists(
+    st.builds(Finding, name=st.sampled_from(["no-limit", "no-where", "x"]), weight=st.integers(0, 60), sentence=st.sampled_from(["s", "t"])),
+    max_size=4,
+).map(tuple)
+_tables = st.frozensets(st.sampled_from(["public.a", "public.b", "s.c"]), max_size=3)
+
+
+@given(
+    st.builds(
+        Request,
+        message=st.just(Message("postgres", "statement", text="x", dialect="postgres")),
+        action=st.sampled_from(["select", "delete"]),
+        tables_read=_tables,
+        tables_written=_tables,
+        findings=_findings,
+        fingerprint=st.sampled_from(["", "select ?"]),
+        redacted_text=st.sampled_from(["", "select ?"]),
+    )
+)
+@settings(max_examples=300)
+def test_one_request_is_described_as_the_general_path_describes_it(request):
+    from bastion.core.session import _described
+
+    general = _described([request, request])  # the same request twice: the general path, same fields
+    alone = _described([request])
+    assert alone == {
+        **general,
+        "statements": general["statements"][:1],
+        "actions": general["actions"][:1],
+        "fingerprints": general["fingerprints"][:1],
+    }
