@@ -110,6 +110,8 @@ def test_redact_whole_values():
         (b"john.doe@example.org", b"****@example.org"),
         (b"John Smith", b"**** *****"),
         (b"12345", b"*****"),
+        (b"1980-02-03", b"1980-**-**"),  # a date keeps its year only (Safe Harbor), not month and day
+        (b"02/03/1980", b"**/**/1980"),
     ],
 )
 def test_partial_whole_values(value, partial):

@@ -482,6 +482,19 @@ def test_shipped_masks_cover_common_phi_columns_for_everyone() -> None:
     assert masking.untraced == "mask-all"
 
 
+def test_the_shipped_masks_leave_only_what_safe_harbor_allows() -> None:
+    from bastion.policies.masking import compile_plan
+    from bastion.policies.model import Column, ResultShape
+
+    rules, recognizers, masking = masking_rules_for(SHIPPED, ANALYST, "warehouse")
+    shape = ResultShape((Column("dob", type_oid=25, table="public.patients", sources=frozenset({"public.patients.dob"})),
+                         Column("ssn", type_oid=25, table="public.patients", sources=frozenset({"public.patients.ssn"}))))
+    plan = compile_plan(shape, rules, recognizers, masking, hash_key=b"k" * 32)
+    row = [b"1980-02-03", b"123-45-6789"]
+    plan.apply(row)
+    assert row == [b"1980-**-**", b"***-**-6789"]
+
+
 # --- golden cases -------------------------------------------------------------------------------------------
 
 
