@@ -2238,10 +2238,41 @@ class _Walker:
 
 
 def _constant(condition: exp.Expr | None) -> bool:
-    """A condition that does not look at any row (``WHERE true``, ``WHERE 1 = 1``)."""
-    if condition is None:
+    """A condition that keeps every row: none, one that does not look at the row (``WHERE true``,
+    ``WHERE 1 = 1``), or one an always-true term makes so (``WHERE id > 0 OR 1 = 1``,
+    ``WHERE name = name OR true``, ``WHERE id = id``)."""
+    if condition is None or _row_independent(condition):
         return True
+    return _always_true(condition)
+
+
+def _row_independent(condition: exp.Expr) -> bool:
     return not any(isinstance(node, (exp.Column, exp.Query)) for node in condition.walk())
+
+
+def _always_true(node: exp.Expr) -> bool:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Or):
+        return _always_true(node.left) or _always_true(node.right)
+    if isinstance(node, exp.And):
+        return _always_true(node.left) and _always_true(node.right)
+    if _row_independent(node):
+        return not _known_false(node)  # unknown constants count as true: a guardrail errs to flag
+    if isinstance(node, (exp.EQ, exp.GTE, exp.LTE, exp.NullSafeEQ)) and isinstance(node.left, exp.Column):
+        return node.left == node.right  # a column compared with itself (NULLs aside: every row)
+    return False
+
+
+def _known_false(node: exp.Expr) -> bool:
+    """A row-independent term that is certainly false or NULL (``false``, ``1 = 2``)."""
+    try:
+        from sqlglot.optimizer.simplify import simplify
+
+        value = simplify(node.copy())
+    except Exception:  # a term simplify cannot handle: not known to be false
+        return False
+    return isinstance(value, exp.Null) or (isinstance(value, exp.Boolean) and not value.this)
 
 
 def _analyze_tree(tree: exp.Expr, facts: _Facts, replace: bool = False) -> None:
