@@ -3,7 +3,7 @@
 Every hook is named ``bastion_*`` and is called by core through the typed facade in
 :mod:`bastion.core.hooks`, never through ``pm.hook`` directly. Hooks are grouped by the phase in
 which core calls them; the full order of calls for one session is documented on
-:meth:`bastion.core.session.Session.run`.
+:class:`bastion.core.session.Session` (its docstring lists every hook call, in order).
 
 Decision hooks (parse, authorize, transform, record) are **synchronous and pure**: they must not
 block and must not do I/O, because they run on the gateway's event loop on every statement. A
