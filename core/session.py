@@ -259,9 +259,12 @@ class Session:
     def judge(self, message: Message) -> tuple[list[Request], Decision]:
         """Parse and authorize without recording: for protocols that must decide before they can
         describe (e.g. PostgreSQL's Parse message). Use :meth:`check` to also record."""
-        requests = self.hooks.parse(self._info, message)
-        decisions = [self.hooks.authorize(self._info, request) for request in requests]
-        return requests, decisions[0] if len(decisions) == 1 else combine_statements(decisions)
+        hooks = self.runtime.hooks
+        info = self._info
+        requests = hooks.parse(info, message)
+        if len(requests) == 1:
+            return requests, hooks.authorize(info, requests[0])
+        return requests, combine_statements([hooks.authorize(info, request) for request in requests])
 
     async def check(
         self,
@@ -377,7 +380,7 @@ class Session:
         if isinstance(event, events.ResultRows):
             mask = self._record_masker()
             rows = event.rows
-            masked = tuple(tuple(None if cell is None else mask(cell) for cell in row) for row in rows)
+            masked = tuple([tuple([None if cell is None else mask(cell) for cell in row]) for row in rows])
             return event if masked == rows else attrs.evolve(event, rows=masked)
         if isinstance(event, events.ResponseCompleted) and event.error_message:
             masked_message = self._record_masker()(event.error_message)

@@ -19,6 +19,7 @@ HASH_KEY = "gateway.hash_key"
 # result shapes a session keeps compiled plans for; a session that cycles through more just
 # recompiles, memory stays bounded
 PLANS_PER_SESSION = 64
+_MISSING = object()
 
 
 class ResultPlan:
@@ -73,8 +74,8 @@ def bastion_transform(session, request, shape):
     if plans is None:
         plans = session.state[PLANS_KEY] = OrderedDict()
     key = (shape, encoding)
-    if key in plans:
-        plan = plans[key]
+    plan = plans.get(key, _MISSING)
+    if plan is not _MISSING:
         plans.move_to_end(key)
     else:
         plan = masking.compile_plan(

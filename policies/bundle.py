@@ -443,6 +443,10 @@ class PolicySet:
     _applicable: dict[tuple[Any, ...], ApplicableRules] = attrs.field(factory=dict, init=False, eq=False, repr=False)
     _memo: dict[Any, Any] = attrs.field(factory=dict, init=False, eq=False, repr=False)
 
+    def memoised(self, key: Any) -> Any:
+        """What :meth:`memo` keeps for ``key``, or None."""
+        return self._memo.get(key)
+
     def memo(self, key: Any, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per ``key``: for values that depend on nothing but this
         policy and the key. Bounded: the whole memo is dropped when it fills up."""

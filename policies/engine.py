@@ -57,7 +57,11 @@ _NONE: frozenset[str] = frozenset()
 def evaluate(policy: PolicySet, identity: Identity, target: str, request: Request) -> Decision:
     """The combined decision for ``request``. Never raises: a failure denies."""
     try:
-        return policy.memo(_decision_key(identity, target, request), lambda: _combined(policy, identity, target, request))
+        key = _decision_key(identity, target, request)
+        found = policy.memoised(key)
+        if found is None:
+            found = policy.memo(key, lambda: _combined(policy, identity, target, request))
+        return found
     except Exception as exc:  # fail closed, whatever went wrong
         return _failure(policy, exc)
 

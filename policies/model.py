@@ -280,9 +280,12 @@ class Column:
     traced: bool = True
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class ResultShape:
-    """The columns of one result set (a RowDescription, a COPY header, a MySQL column list)."""
+    """The columns of one result set (a RowDescription, a COPY header, a MySQL column list).
+
+    Hashed once (plans are cached by shape, and a shape is looked up several times).
+    """
 
     columns: tuple[Column, ...]
     origin: str = "rows"  # rows | copy | error | notice
