@@ -75,6 +75,7 @@ Flow control
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import time
@@ -105,7 +106,10 @@ from bastion.protocols.postgres.messages import (
     Parse,
     Query,
 )
+from bastion.policies.masking import MaskingError
 from bastion.policies.model import Column, Decision, Message, Request, ResultShape, Verdict
+
+log = logging.getLogger("bastion.postgres")
 
 # one read from a socket: PostgreSQL itself writes in 8 KiB blocks, and a larger read lets a
 # burst of rows be handled (and forwarded) in one go
@@ -1167,7 +1171,7 @@ class Relay:
             for plan in result.plans:
                 plan.apply(values)
         except Exception as exc:  # MaskingError or anything else: the row must not go out
-            result.withheld = str(exc) or type(exc).__name__
+            result.withheld = _why_not_masked(exc)
             return
         if result.plans:
             wire = codec.encode_data_row_values(values)
@@ -1512,7 +1516,7 @@ class Relay:
                 for plan in result.plans:
                     line = plan.mask_copy_line(line, options["format"], **{k: v for k, v in options.items() if k != "format"})
             except Exception as exc:
-                result.withheld = str(exc) or type(exc).__name__
+                result.withheld = _why_not_masked(exc)
                 result.rows += 1
                 return
             result.rows += 1
@@ -1566,6 +1570,18 @@ def _row_text(values: list, formats: tuple[int, ...]) -> tuple[str | None, ...]:
         else:
             out.append(value.decode("utf-8", "replace"))
     return tuple(out)
+
+
+def _why_not_masked(exc: Exception) -> str:
+    """What the caller and the trail are told when a row could not be masked.
+
+    Only Bastion's own masking errors are worded to hold no value; any other exception (a
+    plugin's plan, a bug) may quote the raw cell it failed on, so only its type is told.
+    """
+    if isinstance(exc, MaskingError) and str(exc):
+        return str(exc)
+    log.error("a row could not be masked on this result (%s); the result is withheld", type(exc).__name__)
+    return f"a row could not be masked ({type(exc).__name__})"
 
 
 def _command_tag(body: bytes) -> str:

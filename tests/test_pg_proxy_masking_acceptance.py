@@ -447,10 +447,11 @@ class FailingPlan:
     def apply(self, cells: list) -> None:
         self.rows += 1
         if self.rows > ROWS_BEFORE_FAILURE:
-            raise RuntimeError("the test's plan cannot mask this row")
+            # an exception that quotes the raw cell, as int() or fromisoformat() would
+            raise RuntimeError(f"the test's plan cannot mask {bytes(cells[1]).decode()!r}")
 
     def mask_copy_line(self, line: bytes, fmt: str, **options: Any) -> bytes:
-        raise RuntimeError("the test's plan cannot mask this line")
+        raise RuntimeError(f"the test's plan cannot mask {line!r}")
 
     def counts(self) -> dict[str, int]:
         return {}
