@@ -149,6 +149,8 @@ POISON_PARSE = codec.encode(Parse("bastion_refused", POISON_TEXT))
 POISON_QUERY = codec.encode(Query(POISON_TEXT))
 EMPTY_QUERY = codec.encode(Query(""))  # stands in for a statement Bastion answers itself
 SET_COMPLETE = codec.encode(CommandComplete("SET"))
+# The masked-cell count of a response for values masked in the server's error or notice text.
+ECHOED_VALUES_KEY = "echoed-value"
 # The Bind of a statement Bastion answers itself: nothing to authorize (it reaches no data).
 _ANSWERED_BY_BASTION = Judgement(0, (), Decision.allow("bastion:settings", "Bastion answers this statement itself"))
 
@@ -1406,20 +1408,40 @@ class Relay:
             elif kind == BIND and entry.name == "":
                 self.portals.confirm("", None)
             self.skipping = True
+        fields, echoed = self._masked_fields(error)
         if request_no:
             self.answered.add(request_no)
             rows = result.rows if result is not None else 0
             if result is not None and result.pending:
                 await self._record_rows(result)
+            message = next((value for field, value in fields if field == "M"), "") if fields is not None else error.message or ""
             await self.session.record_response(
                 request_no,
                 "error",
                 rows=rows,
                 duration_ms=_ms_since(entry.started) if entry.started else 0.0,
                 error_code=code,
-                error_message=self._masked_text(error.message or ""),
+                error_message=message,
+                masked={ECHOED_VALUES_KEY: echoed} if echoed else {},
             )
-        self._forward_fields(b"E", body, ErrorResponse, error)
+        if not self.suppressing:
+            self._down(codec.encode(ErrorResponse(fields)) if fields is not None else _HEADER.pack(b"E", len(body) + 4) + body)
+
+    def _masked_fields(self, message) -> tuple[tuple | None, int]:
+        """An error's or notice's fields with those that can echo values masked (None: nothing
+        to mask), and how many of them masking changed (counted in the response record)."""
+        if not self.mask_texts:
+            return None, 0
+        changed = 0
+        fields = []
+        for code, value in message.fields:
+            if code in _TEXT_FIELDS:
+                masked = self._masked_text(value)
+                if masked != value:
+                    changed += 1
+                value = masked
+            fields.append((code, value))
+        return tuple(fields), changed
 
     def _masked_text(self, text: str) -> str:
         if not self.mask_texts or not text:
@@ -1438,7 +1460,7 @@ class Relay:
             return
         if message is None:
             message = codec.decode_backend(kind, body)
-        fields = tuple((code, self._masked_text(value) if code in _TEXT_FIELDS else value) for code, value in message.fields)
+        fields, _ = self._masked_fields(message)
         self._down(codec.encode(cls(fields)))
 
     # --- COPY TO STDOUT --------------------------------------------------------------------------------

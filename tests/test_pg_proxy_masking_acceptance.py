@@ -428,6 +428,9 @@ def test_response_records_count_masked_cells_per_column_and_rule(served, clinic)
     # a full read of the patients table masks every row's SSN once
     full = [e for e in responses if e.get("rows") == len(clinic.rows) and any(k.startswith("ssn:") for k in (e.get("masked") or {}))]
     assert full and all(sum(n for k, n in e["masked"].items() if k.startswith("ssn:")) == len(clinic.rows) for e in full)
+    # a duplicate key's DETAIL echoes the value: masked on the wire, and counted in its record
+    errors = [r.event for r in records if r.type == "response" and r.event.get("error_code") == "23505"]
+    assert errors and all(e["masked"].get("echoed-value", 0) >= 1 for e in errors)
 
 
 # --- 3. a transform that fails withholds the result, and the session goes on ------------------------
