@@ -196,6 +196,13 @@ class _Keyed:
         return HASH_PREFIX + self._outer_of(value).hexdigest()[:HASH_HEX_CHARS].encode("ascii")
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed_for(key: bytes) -> _Keyed:
+    """The precomputed HMAC states of a gateway's hash key (one or two per process), for values
+    hashed one at a time (Bind parameters)."""
+    return _Keyed(key)
+
+
 # --- PostgreSQL types ------------------------------------------------------------------------------
 
 _PG_EPOCH = datetime.date(2000, 1, 1)  # binary dates and timestamps count from here
@@ -1284,6 +1291,7 @@ def mask_literal_values(
     """
     if hash_key and len(hash_key) < MIN_HASH_KEY_BYTES:
         raise MaskingConfigError(f"a hash key must have at least {MIN_HASH_KEY_BYTES} bytes")
+    keyed = _keyed_for(bytes(hash_key)) if hash_key else None
     recorded: list[str | None] = []
     for position, value in enumerate(values):
         if value is None:
@@ -1299,7 +1307,7 @@ def mask_literal_values(
         parts = [_TYPES[oid].name if oid in _TYPES else "value", f"{len(value)} bytes"]
         if binary:
             parts.append("binary")
-        if hash_key:
-            parts.append(pseudonym(hash_key, bytes(value)).decode("ascii"))
+        if keyed is not None:
+            parts.append(keyed.pseudonym(bytes(value)).decode("ascii"))
         recorded.append(f"<{', '.join(parts)}>")
     return recorded
