@@ -39,6 +39,7 @@ import ssl
 import attrs
 import trio
 
+from bastion.core import events
 from bastion.core.config import Duration
 from bastion.core.errors import AuthenticationFailed, ConnectDenied, SessionError, UpstreamUnavailable
 from bastion.core.hookspecs import hookimpl
@@ -48,7 +49,7 @@ from bastion.plugins import postgres_login as login
 from bastion.plugins.postgres_relay import SUPPORTED_ENCODINGS, Relay, authorize_requests, encoding_key
 from bastion.policies.model import Credential, Message, Request
 from bastion.protocols.postgres import codec
-from bastion.protocols.postgres.errors import ProtocolError
+from bastion.protocols.postgres.errors import PROGRAM_LIMIT_EXCEEDED, ProtocolError
 from bastion.protocols.postgres.framing import DEFAULT_MAX_BACKEND_MESSAGE_LENGTH, END_OF_STREAM, FrontendDecoder
 from bastion.protocols.postgres.messages import (
     AuthenticationOk,
@@ -202,7 +203,25 @@ class PostgresHandler:
                 login.fatal(login.INVALID_AUTHORIZATION, "Bastion accepts tokens only over TLS", hint="connect with sslmode=require (or verify-full)"),
             )
             raise AuthenticationFailed("the client asked to log in without TLS")
-        password = await login.read_password(client, decoder)
+        try:
+            password = await login.read_password(client, decoder)
+        except ProtocolError as exc:
+            if exc.sqlstate != PROGRAM_LIMIT_EXCEEDED:
+                raise
+            # a credential too large for the protocol is a failed login like any other: recorded,
+            # counted, and answered without saying why
+            session.runtime.metrics.auth_failures.labels(session.config.name).inc()
+            await session.record(
+                events.AuthenticationFailed(
+                    session_id=session.id,
+                    target=session.config.name,
+                    client=session.client,
+                    reason=f"the password message is over the protocol's limit ({exc.message})",
+                    client_user=user,
+                )
+            )
+            await login.send_quietly(client, login.fatal(login.INVALID_PASSWORD, f'password authentication failed for user "{user}"'))
+            raise AuthenticationFailed("the password message is over the protocol's limit") from None
         if password is None:
             session.end_reason = "client disconnected before sending a password"
             return None
