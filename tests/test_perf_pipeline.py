@@ -379,3 +379,19 @@ def test_one_request_is_described_as_the_general_path_describes_it(request):
         "actions": general["actions"][:1],
         "fingerprints": general["fingerprints"][:1],
     }
+
+
+@given(st.text(max_size=80).filter(lambda t: "(" not in t and '"' not in t))
+@settings(max_examples=300)
+def test_text_without_parentheses_or_quotes_echoes_no_value(text):
+    """The masker skips the echoed-value patterns for such text: each needs one of the two."""
+    from bastion.policies.masking import _redact_echoed_values
+
+    assert _redact_echoed_values(text) == (text, 0)
+
+
+@given(st.sampled_from(['Key (ssn)=(', "Failing row contains (", 'for type integer: "', 'value "', 'out of range: "']), st.text(max_size=30))
+@settings(max_examples=200)
+def test_echoed_values_are_found_after_the_skip_test(prefix, rest):
+    text = f"{prefix}{rest}"
+    assert TextMasker()(text) == mask_text(text)[0]
