@@ -1,10 +1,11 @@
 """``protocol = "tcp"``: an audited pass-through.
 
 No parsing: Bastion records the connection (who, from where, to which target), relays bytes both
-ways, and records the disconnect with the byte counts. When the target's listener has
-``tls.client_ca``, the caller's verified client certificate is its identity (through the identity
-providers, e.g. ``kind = "mtls"``); otherwise the caller is ``anonymous`` and needs a grant that
-names it.
+ways, and records the disconnect with the byte counts. With ``authentication = "mtls"`` (which
+needs ``tls.client_ca`` on the listener) the caller's verified client certificate is its identity,
+through the identity providers (e.g. ``kind = "mtls"``); otherwise the caller is ``anonymous`` and
+needs a grant that names it. The connection to the upstream is TLS when the target has an
+``upstream_tls`` section (verified against its ``ca``, or the system's, by default).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class TCPOptions:
     """``authentication``: ``"mtls"`` (a verified client certificate is required) or ``"none"``."""
 
     authentication: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "mtls")))
-    upstream_tls: bool = False  # wrap the upstream connection in TLS (uses the target's upstream_tls)
 
 
 class TCPHandler:
@@ -48,7 +48,7 @@ class TCPHandler:
             await session.authenticate(credential)
         else:
             await session.accept_anonymous()
-        upstream = await session.connect_upstream(implicit_tls=self.options.upstream_tls)
+        upstream = await session.connect_upstream(implicit_tls=session.config.upstream_tls is not None)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_relay, stream, upstream, session, "from_client", nursery.cancel_scope)

@@ -98,6 +98,48 @@ async def test_pass_through_is_recorded_from_connect_to_disconnect(tmp_path):
     assert ended["reason"] == "client disconnected"
 
 
+async def tls_echo_server(server_context, task_status=trio.TASK_STATUS_IGNORED):
+    async def echo(stream):
+        tls = trio.SSLStream(stream, server_context, server_side=True)
+        try:
+            async for data in tls:
+                await tls.send_all(b"tls:" + data)
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(echo, listeners)
+
+
+async def test_a_tcp_target_with_upstream_tls_reaches_its_upstream_over_verified_tls(tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca.cert_pem.write_to_path(str(tmp_path / "upstream-ca.pem"))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            upstream_port = await nursery.start(tls_echo_server, server_context)
+            config = tcp_config(tmp_path, upstream_port, extra='upstream_tls = { ca = "upstream-ca.pem" }')
+            async with running_gateway(config) as gateway:
+                address = gateway.addresses["raw"]
+                client = await trio.open_tcp_stream(address.host, address.port)
+                await client.send_all(b"over tls")
+                received = b""
+                while len(received) < 12:
+                    received += await client.receive_some(100)
+                assert received == b"tls:over tls"  # only the TLS server answers like this
+                await client.aclose()
+                await wait_until(lambda: gateway.runtime.active_sessions() == 0)
+            nursery.cancel_scope.cancel()
+    ended = [e for e in read_events(tmp_path / "state") if e["type"] == "session-ended"]
+    assert ended and ended[-1]["reason"] == "client disconnected"
+
+
 async def test_default_deny_closes_a_connection_no_grant_covers(tmp_path):
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
