@@ -79,11 +79,21 @@ class Metrics:
 
     def count_request(self, target: str, verdict: str) -> None:
         """On every statement."""
-        self.requests.inc((target, verdict))
+        key = (target, verdict)
+        counts = self.requests.counts
+        if key in counts:
+            counts[key] += 1.0
+        else:
+            self.requests.inc(key)
 
     def count_record(self, event_type: str) -> None:
         """On every audit record."""
-        self.audit_records.inc((event_type,))
+        key = (event_type,)
+        counts = self.audit_records.counts
+        if key in counts:
+            counts[key] += 1.0
+        else:
+            self.audit_records.inc(key)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -144,6 +144,8 @@ class Session:
         self.justification: str | None = None
         # (policy, its masker) for what the audit trail keeps, built on first use
         self._masker: tuple[Any, masking.TextMasker] | None = None
+        # the last one-statement request's recorded fields (see _described)
+        self._last_described: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
     # --- snapshot for hooks ---------------------------------------------------------------------
 
@@ -302,7 +304,7 @@ class Session:
             identity=identity.subject if identity else "",
             target=self.target.config.name,
             kind=kind or message.kind,
-            **_described(requests),
+            **self._described(requests),
             parameters=tuple(parameters),
             verdict=decision.verdict.value,
             rules=decision.rules,
@@ -322,6 +324,30 @@ class Session:
                 )
         self.runtime.metrics.count_request(self.config.name, decision.verdict.value)
         return Judgement(request_no, tuple(requests), decision, row_review)
+
+    def _described(self, requests: Sequence[Request]) -> dict[str, Any]:
+        """:func:`_described`, kept for the last one-statement shape: a session repeats its
+        statements, and the fields it is built from are the same objects (shared by the cached
+        analysis) each time. Only redacted text, names and findings are kept, never a literal."""
+        if len(requests) != 1:
+            return _described(requests)
+        request = requests[0]
+        fields = (request.redacted_text, request.action, request.fingerprint, request.tables_read, request.tables_written, request.findings)
+        last = self._last_described
+        if last is not None:
+            known = last[0]
+            if (
+                known[0] is fields[0]
+                and known[1] is fields[1]
+                and known[2] is fields[2]
+                and known[3] is fields[3]
+                and known[4] is fields[4]
+                and known[5] is fields[5]
+            ):
+                return last[1]
+        described = _described(requests)
+        self._last_described = (fields, described)
+        return described
 
     async def give_justification(self, text: str | None, *, kind: str = "statement") -> None:
         """The caller says why (``SET bastion.justification`` in PostgreSQL): shown to reviewers of

@@ -395,3 +395,17 @@ def test_text_without_parentheses_or_quotes_echoes_no_value(text):
 def test_echoed_values_are_found_after_the_skip_test(prefix, rest):
     text = f"{prefix}{rest}"
     assert TextMasker()(text) == mask_text(text)[0]
+
+
+def test_a_session_describes_a_repeated_shape_as_it_describes_a_new_one():
+    from bastion.core.session import _described
+
+    session = _session(types.SimpleNamespace(recognizers=()))
+    message = Message("postgres", "statement", text="x", dialect="postgres")
+    no_limit = (Finding("no-limit", 5, "reads without a LIMIT"),)
+    first = Request(message, "select", tables_read={"public.a"}, findings=no_limit, fingerprint="f", redacted_text="select ?")
+    same_shape = Request(message, "select", tables_read=first.tables_read, findings=first.findings, fingerprint=first.fingerprint, redacted_text=first.redacted_text)
+    other = Request(message, "select", tables_read={"public.a"}, findings=(), fingerprint="f", redacted_text="select ?")
+    for request in (first, same_shape, other, first, other):
+        assert session._described([request]) == _described([request])
+    assert session._described([first, other]) == _described([first, other])
