@@ -22,7 +22,7 @@ import trio
 from bastion.core.config import ConfigError
 from bastion.core.errors import GatewayError
 from bastion.core.loading import Loaded, load
-from bastion.core.plugins import build_plugin_manager, describe_plugins
+from bastion.core.plugins import PluginError, build_plugin_manager, describe_plugins
 
 log = logging.getLogger("bastion")
 
@@ -154,9 +154,8 @@ def build_parser(pm=None) -> argparse.ArgumentParser:
     if pm is None:
         try:
             pm = build_plugin_manager()
-        except Exception as exc:  # a broken plugin must not make `bastion --help` useless
-            print(f"bastion: warning: {exc}", file=sys.stderr)
-            pm = build_plugin_manager(entry_points=False)
+        except PluginError:  # a broken plugin must not make `bastion --help` useless; the
+            pm = build_plugin_manager(entry_points=False)  # command itself reports it
     from bastion.core.hooks import Hooks
 
     Hooks(pm).add_commands(sub)
@@ -181,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bastion: configuration errors:\n{_indent(str(exc))}", file=sys.stderr)
         return 1
     except GatewayError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return 1
+    except PluginError as exc:
         print(f"bastion: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

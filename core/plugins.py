@@ -57,17 +57,43 @@ def build_plugin_manager(disable: Iterable[str] = (), *, entry_points: bool = Tr
     for plugin in extra:
         if not pm.is_registered(plugin):  # a built-in named again by a program is already there
             pm.register(plugin)
+    pm.bastion_distributions = {}  # id(plugin) -> the distribution an entry point came from
     if entry_points:
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:  # a broken third-party plugin must say who it is
-            raise PluginError(f"cannot load a plugin from the {ENTRY_POINT_GROUP!r} entry-point group: {exc!r}") from exc
+        _load_entry_points(pm)
     registered = {name for name, plugin in pm.list_name_plugin() if plugin is not None}
     unknown = disable - registered - set(BUILTIN_PLUGINS) - _entry_point_names()
     if unknown:
         raise PluginError(f"gateway.disable_plugins names unknown plugins: {', '.join(sorted(unknown))}")
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {_name_of(pm, exc.plugin)!r}: {exc}{_SWITCH_OFF}") from None
     return pm
+
+
+_SWITCH_OFF = " (fix or uninstall it, or leave it out with gateway.disable_plugins)"
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Each plugin of the ``bastion`` group, by its entry-point name; a broken one is named."""
+    from importlib.metadata import entry_points
+
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(entry_point.name) is not None or pm.is_blocked(entry_point.name):
+            continue
+        dist = getattr(entry_point, "dist", None)
+        origin = f" (from {dist.name} {dist.version})" if dist is not None else ""
+        try:
+            plugin = entry_point.load()
+            pm.register(plugin, name=entry_point.name)
+        except Exception as exc:  # an import error, a missing object, a bad hook signature…
+            raise PluginError(f"cannot load the plugin {entry_point.name!r}{origin}: {type(exc).__name__}: {exc}{_SWITCH_OFF}") from None
+        if dist is not None:
+            pm.bastion_distributions[id(plugin)] = f"{dist.name} {dist.version}"
+
+
+def _name_of(pm: pluggy.PluginManager, plugin: object) -> str:
+    return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
 
 
 def _entry_point_names() -> set[str]:
@@ -78,15 +104,12 @@ def _entry_point_names() -> set[str]:
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
     """(name, where it comes from, hooks it implements) for each registered plugin."""
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    dists = getattr(pm, "bastion_distributions", {})
     rows = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:  # blocked
             continue
-        dist = dists.get(id(plugin))
-        origin = f"{dist.project_name} {dist.version}" if dist is not None else (
-            "built-in" if name in BUILTIN_PLUGINS else "registered in code"
-        )
+        origin = dists.get(id(plugin)) or ("built-in" if name in BUILTIN_PLUGINS else "registered in code")
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or ())
         rows.append((name, origin, hooks))
     return rows
