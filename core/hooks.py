@@ -35,7 +35,7 @@ class HookError(Exception):
 
 
 # pluggy's own executor, as every manager starts with it; tracing and call monitoring replace it
-_PLUGGY_EXECUTE = pluggy.PluginManager("bastion-probe")._inner_hookexec
+_PLUGGY_EXECUTE = getattr(pluggy.PluginManager("bastion-probe"), "_inner_hookexec", object())
 
 
 class _Direct:
@@ -49,25 +49,27 @@ class _Direct:
     registered or unregistered takes effect at once.
 
     It steps aside (the call goes through pluggy) whenever it would not be the same thing: an
-    implementation that is a wrapper or has defaulted arguments, a hook without a spec, or a
-    manager whose executor was replaced (``enable_tracing``, ``add_hookcall_monitoring``).
+    implementation that is a wrapper, has defaulted arguments or names an argument the spec does
+    not have, or a manager whose executor was replaced (``enable_tracing``,
+    ``add_hookcall_monitoring``).
     """
 
     __slots__ = ("_pm", "_caller", "_names", "_seen", "_calls")
 
-    def __init__(self, pm: pluggy.PluginManager, name: str) -> None:
+    def __init__(self, pm: pluggy.PluginManager, name: str, argnames: tuple[str, ...]) -> None:
         self._pm = pm
         self._caller = getattr(pm.hook, name)
-        spec = self._caller.spec
-        self._names: tuple[str, ...] | None = tuple(spec.argnames) if spec is not None else None
+        self._names = argnames  # the spec's, in order: how core passes the arguments
         self._seen: list[Any] | None = None
         self._calls: tuple[tuple[Any, tuple[int, ...] | None], ...] | None = None
 
     def _plan(self) -> tuple[tuple[Any, tuple[int, ...] | None], ...] | None:
         """(function, positions of its arguments or None for all) in call order; None: use pluggy."""
-        if self._pm._inner_hookexec is not _PLUGGY_EXECUTE:
+        if getattr(self._pm, "_inner_hookexec", None) is not _PLUGGY_EXECUTE:
             return None
-        impls = self._caller._hookimpls
+        impls = getattr(self._caller, "_hookimpls", None)
+        if impls is None:  # a pluggy that keeps them elsewhere: let it call them
+            return None
         if impls != self._seen:  # list equality: the same implementation objects, in order
             self._seen = list(impls)
             self._calls = self._resolve(self._seen)
@@ -75,12 +77,10 @@ class _Direct:
 
     def _resolve(self, impls: list[Any]) -> tuple[tuple[Any, tuple[int, ...] | None], ...] | None:
         names = self._names
-        if names is None:
-            return None
         everything = tuple(range(len(names)))
         calls = []
         for impl in reversed(impls):
-            if impl.wrapper or impl.hookwrapper or impl.kwargnames:
+            if getattr(impl, "wrapper", True) or getattr(impl, "hookwrapper", True) or impl.kwargnames:
                 return None
             if not set(impl.argnames) <= set(names):
                 return None
@@ -92,7 +92,7 @@ class _Direct:
         """A ``firstresult`` hook: the first non-None result, or None."""
         calls = self._plan()
         if calls is None:
-            return self._caller(**dict(zip(self._names or (), args, strict=True)))
+            return self._caller(**dict(zip(self._names, args, strict=True)))
         for function, positions in calls:
             result = function(*args) if positions is None else function(*[args[i] for i in positions])
             if result is not None:
@@ -103,7 +103,7 @@ class _Direct:
         """Every non-None result, in call order."""
         calls = self._plan()
         if calls is None:
-            return self._caller(**dict(zip(self._names or (), args, strict=True)))
+            return self._caller(**dict(zip(self._names, args, strict=True)))
         results = []
         for function, positions in calls:
             result = function(*args) if positions is None else function(*[args[i] for i in positions])
@@ -112,18 +112,18 @@ class _Direct:
         return results
 
     def has_implementations(self) -> bool:
-        return bool(self._caller._hookimpls)
+        return bool(self._caller.get_hookimpls())
 
 
 class Hooks:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._hook = pm.hook
-        self._parse = _Direct(pm, "bastion_parse")
-        self._authorize = _Direct(pm, "bastion_authorize")
-        self._transform = _Direct(pm, "bastion_transform")
-        self._text_transform = _Direct(pm, "bastion_text_transform")
-        self._record = _Direct(pm, "bastion_record")
+        self._parse = _Direct(pm, "bastion_parse", ("session", "message"))
+        self._authorize = _Direct(pm, "bastion_authorize", ("session", "request"))
+        self._transform = _Direct(pm, "bastion_transform", ("session", "request", "shape"))
+        self._text_transform = _Direct(pm, "bastion_text_transform", ("session", "text"))
+        self._record = _Direct(pm, "bastion_record", ("event",))
         self._protocols: dict[str, ProtocolSpec] | None = None
         self._identity: dict[str, IdentityProviderSpec] | None = None
         self._sinks: dict[str, SinkSpec] | None = None

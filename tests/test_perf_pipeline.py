@@ -409,3 +409,9 @@ def test_a_session_describes_a_repeated_shape_as_it_describes_a_new_one():
     for request in (first, same_shape, other, first, other):
         assert session._described([request]) == _described([request])
     assert session._described([first, other]) == _described([first, other])
+
+
+def test_the_facade_passes_arguments_in_the_specs_order():
+    pm, hooks = _bare_hooks()
+    for direct in (hooks._parse, hooks._authorize, hooks._transform, hooks._text_transform, hooks._record):
+        assert direct._names == tuple(direct._caller.spec.argnames)
