@@ -13,8 +13,16 @@ PostgreSQL relay drives it for each ``pgbench -S`` query in the simple protocol:
 
 The audit trail is a stub that drops events, so the figures are the layer above it: session,
 hooks, plugins, analysis cache, policy memo, masking and metrics. It prints µs per query for the
-whole sequence and for each step (best of ``--repeat`` rounds). ``--profile`` prints a cProfile
-of one round instead. Numbers vary with the machine: compare runs, never assert on them.
+whole sequence and for each step (best of ``--repeat`` rounds of CPU time). ``--profile`` prints a
+cProfile of one round instead. Numbers vary with the machine: compare runs, never assert on them.
+
+On a busy machine CPU time still varies by half; instruction counts do not. ``--only-queries N``
+runs N whole queries and prints nothing, for callgrind: the difference between two counts is the
+cost of the queries alone (start-up and imports cancel out)::
+
+    for n in 200 1200; do PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.$n \
+        .venv/bin/python benchmarks/pipeline_bench.py --only-queries $n; done
+    # instructions per query: (summary of cg.1200 - summary of cg.200) / 1000
 """
 
 from __future__ import annotations
@@ -114,6 +122,11 @@ async def one_query(session, events, message, shape_for, aid: int) -> None:
     )
 
 
+async def run_queries(parts, queries: int) -> None:
+    for i in range(queries):
+        await one_query(*parts, i)
+
+
 async def run_round(parts, queries: int) -> dict[str, float]:
     session, events, message, shape_for = parts
     timings: dict[str, float] = {}
@@ -161,9 +174,13 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--only-queries", type=int, metavar="N", help="run N whole queries after the warm-up, print nothing")
     args = parser.parse_args()
     parts = build()
     trio.run(run_round, parts, 200)  # warm the caches
+    if args.only_queries is not None:
+        trio.run(run_queries, parts, args.only_queries)
+        return 0
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
