@@ -1,10 +1,10 @@
 """The audit trail at run time: group-committed local log, sinks fed from it.
 
 The gateway calls :meth:`AuditTrail.record` for every event. The event becomes plain data at once
-and waits in a bounded queue for one writer task, which appends whatever has queued up as one
-batch — on the event loop's thread: appending is CPU (msgpack, SHA-256, compression) and one
-``write`` into the page cache. Only an fsync leaves the loop, to one long-lived thread (the
-*lane*, which also seals segments), and one fsync covers every record written before it (group
+(:func:`~bastion.core.events.event_fields`) and waits in a bounded queue for one writer task,
+which appends whatever has queued up as one batch — on the event loop's thread: appending is
+CPU (msgpack, SHA-256, compression) and one ``write`` into the page cache. Only an fsync leaves
+the loop, to one long-lived thread (the *lane*, which also seals segments), and one fsync covers every record written before it (group
 commit): while it runs, the next batch queues up. A session that has the trail to itself skips
 the writer task: its durable call appends the batch itself (one commit at a time either way). A
 ``durable=True`` caller returns once its record is as safe as ``fsync`` says (see
@@ -44,7 +44,7 @@ import trio
 
 from bastion.core import auditlog
 from bastion.core.config import AuditSection
-from bastion.core.events import AuditEvent, event_to_dict
+from bastion.core.events import AuditEvent, event_fields
 from bastion.core.specs import AuditSink, ComponentContext
 
 log = logging.getLogger("bastion.audit")
@@ -478,7 +478,7 @@ class AuditTrail:
         if not self._healthy:
             self._unavailable(f"the audit log cannot write ({self._last_error})", event)
             return
-        data = event_to_dict(event)
+        data = event_fields(event)
         while len(self._queue) >= QUEUE_CAPACITY:
             if self._room is None:
                 self._room = trio.Event()
@@ -486,7 +486,7 @@ class AuditTrail:
             if self._closing or not self._healthy:
                 self._unavailable("the audit trail is closed" if self._closing else f"the audit log cannot write ({self._last_error})", event)
                 return
-        pending = _Pending(data.pop("type"), data, durable)
+        pending = _Pending(event.type, data, durable)
         # A durable caller that finds the writer idle writes the batch itself: no hand-over to the
         # writer task and back (two trips through trio's scheduler, a good part of a statement's
         # cost). Only while one session has the trail to itself (the previous durable record was

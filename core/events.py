@@ -8,6 +8,8 @@ msgpack (see :mod:`bastion.core.audit`), adding a sequence number and a hash cha
 from __future__ import annotations
 
 import time
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -194,3 +196,57 @@ def event_from_dict(data: dict[str, Any]) -> AuditEvent:
     data = dict(data)
     cls = EVENT_TYPES[data.pop("type")]
     return converter.structure(data, cls)
+
+
+# --- the audit trail's fast path: an event's fields as msgpack-ready values --------------------
+
+# Value types msgpack packs exactly as cattrs unstructures them (the value itself); a tuple of
+# them packs as the array cattrs' list would. Anything else goes through the converter.
+_MSGPACK_NATIVE = (str, int, float, bool, bytes, type(None))
+# Each event class's generated field-map builder (see _fields_function)
+_FIELDS_BY_CLASS: dict[type, Callable[[Any], dict[str, Any]]] = {}
+
+
+def _is_msgpack_native(type_: Any) -> bool:
+    """Whether values of ``type_`` pack to the same msgpack as their cattrs unstructuring."""
+    if type_ in _MSGPACK_NATIVE:
+        return True
+    origin, arguments = typing.get_origin(type_), typing.get_args(type_)
+    if origin in (typing.Union, types.UnionType):
+        return all(_is_msgpack_native(option) for option in arguments)
+    if origin is tuple:
+        return len(arguments) == 2 and arguments[1] is Ellipsis and _is_msgpack_native(arguments[0])
+    if origin is dict:
+        return len(arguments) == 2 and arguments[0] is str and _is_msgpack_native(arguments[1])
+    return False
+
+
+def _fields_function(cls: type) -> Callable[[Any], dict[str, Any]]:
+    """A function building ``cls``'s field map in one dict display (no converter dispatch for
+    fields of msgpack-native types, the converter's hook for the others)."""
+    hints = typing.get_type_hints(cls)
+    namespace: dict[str, Any] = {}
+    items = []
+    for field in attrs.fields(cls):
+        value = f"event.{field.name}"
+        type_ = hints[field.name]
+        if not _is_msgpack_native(type_):
+            namespace[f"hook_{field.name}"] = converter.get_unstructure_hook(type_)
+            # an empty tuple packs as the empty list the hook would build, without the call
+            value = f"(hook_{field.name}({value}) if {value} else {value})" if typing.get_origin(type_) is tuple else f"hook_{field.name}({value})"
+        items.append(f"{field.name!r}: {value}")
+    source = f"def fields(event):\n    return {{{', '.join(items)}}}\n"
+    exec(compile(source, f"<audit event fields {cls.__name__}>", "exec"), namespace)
+    return namespace["fields"]
+
+
+def event_fields(event: AuditEvent) -> dict[str, Any]:
+    """The event's fields (no ``type``) as values msgpack packs to exactly the bytes of
+    :func:`event_to_dict`'s map without its ``type`` key: tuples are left as tuples (msgpack
+    writes both as arrays). For the audit writer, which packs and drops the map at once; not for
+    JSON or comparisons with unstructured data (use :func:`event_to_dict`)."""
+    cls = type(event)
+    fields = _FIELDS_BY_CLASS.get(cls)
+    if fields is None:
+        fields = _FIELDS_BY_CLASS[cls] = _fields_function(cls)
+    return fields(event)

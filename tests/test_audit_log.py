@@ -112,6 +112,27 @@ def test_event_to_dict_is_exactly_the_generic_unstructuring(event) -> None:
     assert repr(events.event_to_dict(event)) == repr(expected)  # same keys, same order, lists where lists were
 
 
+@settings(max_examples=300)
+@given(event=any_event, seq=st.integers(0, 2**64 - 1), prev=st.binary(min_size=32, max_size=32), at=finite)
+def test_the_writers_spliced_body_is_the_packed_body(event, seq, prev, at) -> None:
+    """The writer packs event_fields alone and splices the body around it: the very bytes the
+    chain hash was defined over (every width of seq, every event type)."""
+    data = events.event_to_dict(event)
+    record_type = data.pop("type")
+    fields = events.event_fields(event)
+    assert auditlog.pack(fields) == auditlog.pack(data)
+    spliced = auditlog.spliced_body(auditlog.body_head("host.main.0001"), seq, prev, at, auditlog.body_type_part(record_type), auditlog.pack(fields))
+    assert spliced == auditlog.pack_body("host.main.0001", seq, prev, at, record_type, data)
+
+
+@pytest.mark.parametrize("at", [0, 1.5, 2**40])
+@pytest.mark.parametrize("prev", [b"", b"\1" * 32, b"\2" * 300])
+def test_a_spliced_body_with_unusual_fields_is_still_the_packed_body(at, prev) -> None:
+    event = {"session_id": "s", "rows": ((None, "x"),)}
+    spliced = auditlog.spliced_body(auditlog.body_head("c"), 5, prev, at, auditlog.body_type_part("rows"), auditlog.pack(event))
+    assert spliced == auditlog.pack_body("c", 5, prev, at, "rows", event)
+
+
 plain_values = st.recursive(
     st.none() | st.booleans() | int64 | finite | any_text | st.binary(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
