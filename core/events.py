@@ -233,7 +233,7 @@ def _fields_function(cls: type) -> Callable[[Any], dict[str, Any]]:
         if not _is_msgpack_native(type_):
             namespace[f"hook_{field.name}"] = converter.get_unstructure_hook(type_)
             # an empty tuple packs as the empty list the hook would build, without the call
-            value = f"(hook_{field.name}({value}) if {value} else {value})" if typing.get_origin(type_) is tuple else f"hook_{field.name}({value})"
+            value = f"({value} if {value} == () else hook_{field.name}({value}))" if typing.get_origin(type_) is tuple else f"hook_{field.name}({value})"
         items.append(f"{field.name!r}: {value}")
     source = f"def fields(event):\n    return {{{', '.join(items)}}}\n"
     exec(compile(source, f"<audit event fields {cls.__name__}>", "exec"), namespace)
