@@ -11,7 +11,7 @@ import struct
 import uuid
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bastion.policies.masking import (
@@ -766,13 +766,16 @@ _json_docs = st.recursive(
 
 
 @given(_json_docs, st.sampled_from(["redact", "partial", "hash"]))
+@example(100010001, "redact")
 def test_property_masked_json_stays_valid(doc, strategy):
     rule = [MaskRule("d", columns=("*.doc",), recognizers=_ALL, strategy=strategy)]
     text = json.dumps(doc).encode()
     [as_json] = masked(plan_for([col("doc", JSON)], rule), text)
     [as_jsonb] = masked(plan_for([col("doc", JSONB, binary=True)], rule), b"\x01" + text)
-    assert type(json.loads(as_json)) is type(doc)
-    assert json.loads(as_jsonb[1:]) == json.loads(as_json)
+    loaded = json.loads(as_json)
+    if type(loaded) is not type(doc):  # a number found as a whole becomes a JSON string (a document that is an SSN)
+        assert type(doc) is int and type(loaded) is str
+    assert json.loads(as_jsonb[1:]) == loaded
 
 
 def _copy_text_escape(value: bytes) -> bytes:
