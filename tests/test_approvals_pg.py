@@ -2,14 +2,17 @@
 
 A policy bundle sends DELETEs to review; the caller's statement waits in the gateway while a
 reviewer approves it from the command line (another process, through the SQLite store) or the
-admin HTTP API, or denies it (SQLSTATE 42501 with the reviewer's reason). Results paused at their
-row threshold are checked with a gateway in its own process, so its memory can be measured.
+admin HTTP API, or denies it (SQLSTATE 42501 with the reviewer's reason); whatever the outcome, the
+same connection goes on. A raw protocol client counts the rows a result paused at its threshold
+lets through, and the server's own view (pg_stat_activity, its log) shows a denied result cancelled.
+A large paused result is also checked with a gateway in its own process, so its memory can be measured.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import textwrap
 import threading
@@ -24,8 +27,9 @@ import trio
 from psycopg import errors as pg_errors
 
 from bastion.core import events
+from bastion.protocols.postgres.messages import CommandComplete, DataRow, ErrorResponse, Query, ReadyForQuery
 from tests.approvals_helpers import bastion_command
-from tests.pg_helpers import TOKEN, fresh_table, pg_gateway  # noqa: F401  (pg_gateway is a fixture)
+from tests.pg_helpers import TOKEN, RawClient, fresh_table, of_type, pg_gateway  # noqa: F401  (pg_gateway is a fixture)
 from tests.servers import free_port, wait_for_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
@@ -75,13 +79,19 @@ def wait_for_pending(gw) -> str:
 
 
 class Caller(threading.Thread):
-    """A psycopg session running one statement in the background (it will be held)."""
+    """A psycopg session running one statement in the background (it will be held).
+
+    Whatever becomes of the statement (approved, denied, expired), the caller then runs
+    ``select 1`` on the same connection: :meth:`outcome` fails unless the session went on.
+    """
 
     def __init__(self, dsn: str, sql: str, before: tuple[str, ...] = ()) -> None:
         super().__init__(daemon=True)
         self.dsn, self.sql, self.before = dsn, sql, before
         self.rowcount: int | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what the held statement raised
+        self.after: tuple | None = None  # `select 1` on the same connection, afterwards
+        self.after_error: BaseException | None = None
         self.notices: list[str] = []
 
     def run(self) -> None:
@@ -90,14 +100,21 @@ class Caller(threading.Thread):
                 conn.add_notice_handler(lambda diagnostic: self.notices.append(diagnostic.message_primary or ""))
                 for statement in self.before:
                     conn.execute(statement)
-                self.rowcount = conn.execute(self.sql).rowcount
-                assert conn.execute("select 1").fetchone() == (1,)  # the session goes on afterwards
+                try:
+                    self.rowcount = conn.execute(self.sql).rowcount
+                except psycopg.Error as exc:
+                    self.error = exc
+                self.after = conn.execute("select 1").fetchone()
         except BaseException as exc:  # noqa: BLE001 - inspected by the test
-            self.error = exc
+            if self.error is None:
+                self.error = exc
+            else:
+                self.after_error = exc
 
     def outcome(self):
         self.join(WAIT)
         assert not self.is_alive(), "the held statement never finished"
+        assert self.after == (1,), f"the session did not go on after the held statement: {self.after_error or self.error!r}"
         return self.rowcount, self.error
 
 
@@ -178,9 +195,7 @@ def test_a_denied_delete_fails_with_42501_and_the_reviewers_reason(pg_gateway):
         assert error.sqlstate == "42501" and "deleting every patient is never fine" in str(error)
         assert remaining(gw, table) == [1, 2, 3]
         assert approval_steps(gw, approval_id) == ["requested", "denied"]
-        # the same session goes on: a statement that needs no review still runs
-        with psycopg.connect(gw.dsn(), autocommit=True) as conn:
-            assert conn.execute("select 1").fetchone() == (1,)
+        assert caller.after == (1,)  # the same connection ran `select 1` afterwards (see Caller)
 
 
 def test_a_window_lets_the_job_repeat_the_statement_without_asking_again(pg_gateway):
@@ -299,6 +314,186 @@ def test_a_result_paused_at_its_threshold_and_denied_fails_with_the_reason(pg_ga
         _, error = caller.outcome()
         assert isinstance(error, pg_errors.InsufficientPrivilege) and "export through the reporting job" in str(error)
         assert approval_steps(gw, approval_id) == ["requested", "denied"]
+
+
+# --- one connection, at the protocol level: refusals end the statement, never the session ---------
+
+
+THRESHOLD = 1000  # the bundle's bulk-read rows_over
+BULK_ROWS = 5_000_000  # far more than socket buffers hold: the server is still running when paused
+
+
+def raw_client(gw) -> RawClient:
+    client = RawClient.connect(gw)
+    client.sock.settimeout(WAIT)  # answers come late while a statement is held
+    return client
+
+
+def select_1(client: RawClient) -> list:
+    client.send(Query("select 1"))
+    answer = client.until_ready()
+    assert [row.values for row in of_type(answer, DataRow)] == [(b"1",)]
+    assert [m.tag for m in of_type(answer, CommandComplete)] == ["SELECT 1"] and answer[-1] == ReadyForQuery("I")
+    return answer
+
+
+def refusal(answer: list) -> ErrorResponse:
+    """The one error of an answer that ends with ReadyForQuery and has no command tag."""
+    (error,) = of_type(answer, ErrorResponse)
+    assert error.sqlstate == "42501" and not of_type(answer, CommandComplete)
+    assert isinstance(answer[-1], ReadyForQuery)
+    return error
+
+
+def bulk_view(gw) -> str:
+    """A view the bulk-read review matches (``*.bulk_*``), with far more rows than its threshold."""
+    return fresh_table(gw.server, f"create view {{t}} as select g from generate_series(1, {BULK_ROWS}) g", name=f"bulk_{uuid.uuid4().hex[:8]}")
+
+
+def read_rows(client: RawClient, count: int) -> list:
+    """Messages up to and including the ``count``-th DataRow."""
+    messages, rows = [], 0
+    while rows < count:
+        message = client.read()
+        assert message is not None, "the gateway closed the connection"
+        assert not isinstance(message, (ErrorResponse, CommandComplete, ReadyForQuery)), message
+        messages.append(message)
+        rows += isinstance(message, DataRow)
+    return messages
+
+
+def backend_pid(client: RawClient) -> int:
+    """The upstream backend serving this connection (the statement runs there, not in Bastion)."""
+    client.send(Query("select pg_backend_pid()"))
+    (row,) = of_type(client.until_ready(), DataRow)
+    return int(row.values[0])
+
+
+def activity(gw, pid: int) -> tuple[str, str]:
+    ((state, query),) = gw.server.execute(f"select state, query from pg_stat_activity where pid = {pid}")
+    return state, query
+
+
+def server_log(gw, since: int = 0) -> str:
+    with open(gw.server.log_file, "rb") as log:
+        log.seek(since)
+        return log.read().decode("utf-8", "replace")
+
+
+def response_of(gw, approval_id: str) -> events.ResponseCompleted:
+    (request_no,) = {e.request_no for e in gw.events_of(events.ApprovalEvent) if e.approval_id == approval_id}
+    return gw.wait_for(lambda: next((e for e in gw.events_of(events.ResponseCompleted) if e.request_no == request_no), None), timeout=WAIT)
+
+
+def test_a_denied_delete_leaves_the_same_connection_usable(pg_gateway):
+    with start(pg_gateway) as gw:
+        table = patients_table(gw)
+        with raw_client(gw) as client:
+            client.send(Query("begin"))
+            assert client.until_ready()[-1] == ReadyForQuery("T")
+            client.send(Query(f"delete from {table} where id = 2"))
+            approval_id = wait_for_pending(gw)
+            assert cli(gw, "deny", approval_id, "--reason", "not during the audit", token=ALICE_TOKEN).returncode == 0
+            answer = client.until_ready()
+            error = refusal(answer)
+            assert "not during the audit" in error.message and approval_id in error.message
+            # inside a transaction block the refusal fails the block, as a server error would
+            assert answer[-1] == ReadyForQuery("E")
+            client.send(Query("rollback"))
+            assert client.until_ready()[-1] == ReadyForQuery("I")
+            select_1(client)
+            # and the next held statement of the same connection is held, and runs once approved
+            client.send(Query(f"delete from {table} where id = 3"))
+            second = wait_for_pending(gw)
+            assert second != approval_id
+            assert cli(gw, "approve", second, token=ALICE_TOKEN).returncode == 0
+            answer = client.until_ready()
+            assert [m.tag for m in of_type(answer, CommandComplete)] == ["DELETE 1"] and answer[-1] == ReadyForQuery("I")
+            select_1(client)
+        assert remaining(gw, table) == [1, 2]
+
+
+def test_a_result_denied_at_its_threshold_stops_there_and_is_cancelled_upstream(pg_gateway):
+    with start(pg_gateway) as gw:
+        view = bulk_view(gw)
+        sql = f"select g from {view}"
+        with raw_client(gw) as client:
+            pid = backend_pid(client)
+            client.send(Query(sql))
+            sent = read_rows(client, THRESHOLD)
+            approval_id = wait_for_pending(gw)
+            (record,) = pending(gw)
+            assert record.request.kind == "rows" and record.request.rows_sent == THRESHOLD
+            # paused: Bastion stops reading, so the server is still in the middle of the statement
+            assert activity(gw, pid) == ("active", sql)
+            log_start = gw.server.log_file.stat().st_size
+            with httpx.Client(base_url=f"http://{gw.gateway.admin_address}", timeout=WAIT) as http:
+                denied = http.post(f"/approvals/{approval_id}/deny", headers={"authorization": f"Bearer {ALICE_TOKEN}"}, json={"reason": "use the nightly export"})
+                assert denied.status_code == 200, denied.text
+            answer = client.until_ready()
+            # exactly the threshold's rows reached the caller, then the reviewer's reason
+            assert [int(row.values[0]) for row in of_type(sent + answer, DataRow)] == list(range(1, THRESHOLD + 1))
+            error = refusal(answer)
+            assert "use the nightly export" in error.message and answer[-1] == ReadyForQuery("I")
+            # the server was told to stop: its backend no longer runs the statement, and says why
+            gw.wait_for(lambda: activity(gw, pid)[0] == "idle", timeout=WAIT)
+            cancelled = re.compile(rf"\[{pid}\] ERROR:\s+canceling statement due to user request\n(?:.*\n)*?.*\[{pid}\] STATEMENT:\s+{re.escape(sql)}")
+            gw.wait_for(lambda: cancelled.search(server_log(gw, log_start)), timeout=WAIT)
+            select_1(client)
+        response = response_of(gw, approval_id)
+        assert response.status == "denied" and response.command_tag == "" and response.rows < BULK_ROWS
+        assert approval_steps(gw, approval_id) == ["requested", "denied"]
+
+
+def test_a_statement_pipelined_behind_a_denied_result_leaves_the_session_usable(pg_gateway):
+    """The denied result is small: the server has finished it (it sits in socket buffers) and is
+    already running the caller's next statement, held on an advisory lock, when the reviewer says no."""
+    with start(pg_gateway) as gw:
+        table = fresh_table(gw.server, "create table {t} (id int)", name=f"bulk_{uuid.uuid4().hex[:8]}")
+        gw.server.execute(f"insert into {table} select generate_series(1, {THRESHOLD + 500})")
+        key = uuid.uuid4().int % 2**31
+        with psycopg.connect(gw.server.dsn(), autocommit=True) as holder, raw_client(gw) as client:
+            holder.execute(f"select pg_advisory_lock({key})")
+            pid = backend_pid(client)
+            second = f"select pg_advisory_lock({key}), 'second'"
+            client.send(Query(f"select id from {table}"), Query(second))
+            sent = read_rows(client, THRESHOLD)
+            approval_id = wait_for_pending(gw)
+            gw.wait_for(lambda: activity(gw, pid) == ("active", second), timeout=WAIT)  # the first is over
+            with httpx.Client(base_url=f"http://{gw.gateway.admin_address}", timeout=WAIT) as http:
+                denied = http.post(f"/approvals/{approval_id}/deny", headers={"authorization": f"Bearer {ALICE_TOKEN}"}, json={"reason": "too wide"})
+                assert denied.status_code == 200, denied.text
+            answer = client.until_ready()
+            assert len(of_type(sent + answer, DataRow)) == THRESHOLD and "too wide" in refusal(answer).message
+            holder.execute(f"select pg_advisory_unlock({key})")
+            assert isinstance(client.until_ready()[-1], ReadyForQuery)  # the second statement's answer
+            select_1(client)
+
+
+# the same rules, but nobody can answer a bulk read in time
+EXPIRING_BUNDLE = BUNDLE[: BUNDLE.index("[[review]]\nname = \"bulk-read\"")] + """
+[[review]]
+name = "bulk-read"
+when = { rows_over = 1000, tables = ["*.bulk_*"] }
+approvers = { groups = ["privacy"] }
+timeout = "1s"
+"""
+
+
+def test_a_result_nobody_approves_in_time_stops_at_its_threshold(pg_gateway):
+    with pg_gateway(bundle=EXPIRING_BUNDLE, tokens=TOKENS, groups=GROUPS) as gw:
+        view = bulk_view(gw)
+        with raw_client(gw) as client:
+            client.send(Query(f"select g from {view}"))
+            answer = client.until_ready()  # nobody reviews: the request expires
+            assert len(of_type(answer, DataRow)) == THRESHOLD
+            error = refusal(answer)
+            assert "not approved in time" in error.message and answer[-1] == ReadyForQuery("I")
+            select_1(client)
+        (approval_id,) = {e.approval_id for e in gw.events_of(events.ApprovalEvent)}
+        assert approval_steps(gw, approval_id) == ["requested", "expired"]
+        response = response_of(gw, approval_id)
+        assert response.status == "denied" and response.command_tag == "" and response.rows < BULK_ROWS
 
 
 # --- a result paused at its row threshold, with the gateway in its own process ----------------------
