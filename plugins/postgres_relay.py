@@ -338,6 +338,8 @@ class Relay:
         self.pending: deque[_Entry] = deque()
         self.batch = 1  # the frontend's open batch (number of terminators forwarded + 1)
         self.acked = 0  # batches the server has finished answering
+        self.upstream_hold: trio.Event | None = None  # set while a cancel Bastion sent is in flight
+        self.upstream_hold_batch = 0
         self.acked_event: trio.Event | None = None  # set when someone waits for an answer
         self.popped_event = trio.Event()
         self.discarding = False  # frontend: a refused extended message; drop until Sync
@@ -492,6 +494,12 @@ class Relay:
                 return
             kind, body = frame
             session.bytes_from_client += len(body) + 5
+            if self.upstream_hold is not None and self.batch > self.upstream_hold_batch:
+                # a later batch waits while the cancel of a denied result is in flight (see
+                # _pause_for_review); what belongs to that batch (its Sync) has gone already
+                await self._flush_upstream()
+                while self.upstream_hold is not None:
+                    await self.upstream_hold.wait()
             if self.discarding and kind != b"S" and kind != b"X":
                 continue  # the server would skip these too, after the refused message
             if len(self.pending) >= MAX_PENDING:
@@ -1157,6 +1165,15 @@ class Relay:
             self.rows_approved.add(result.request_no)  # the approval covers the message's results
             return
         result.withheld = f"a reviewer did not approve more than {result.row_limit} rows: {decision.summary}"
+        head = self.pending[0] if self.pending else None
+        if head is None or any(entry.batch != head.batch for entry in self.pending):
+            # the caller's next statement may already be running on the server, and a cancel
+            # would hit it instead: drop the rest of this result as it arrives (memory stays flat)
+            return
+        # Nothing after this statement has reached the server: cancel it, and send nothing more
+        # upstream until its ReadyForQuery (a late cancel must not find the next statement).
+        self.upstream_hold = trio.Event()
+        self.upstream_hold_batch = head.batch
         result.cancelled = True
         await login.cancel_upstream(self.session, self.process_id, self.upstream_key)
 
@@ -1332,6 +1349,10 @@ class Relay:
         if self.answered:
             self.answered.clear()
         status = body[:1].decode("latin-1")
+        hold = self.upstream_hold
+        if hold is not None and entry.batch >= self.upstream_hold_batch:
+            self.upstream_hold = None  # the cancelled statement is over: the caller's next may go
+            hold.set()
         if entry.kind == TXN_POISON:
             return  # Bastion's own: the caller already has its ReadyForQuery
         self._acknowledge()
