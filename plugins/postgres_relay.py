@@ -216,6 +216,10 @@ class Portal:
         self.plans: Any = _UNSET  # compiled once per portal, on its first rows
 
 
+class _UnsupportedEncoding(Exception):
+    """The server reports a client_encoding the relay cannot read statements in."""
+
+
 class _Stall(Exception):
     def __init__(self, batch: int) -> None:
         self.batch = batch
@@ -396,10 +400,25 @@ class Relay:
             self.session.end_reason = f"upstream protocol error: {exc.message}"
             await self._say_to_client(codec.encode(ErrorResponse.build(PROTOCOL_VIOLATION, "the database server broke the protocol", severity="FATAL")))
             raise SessionError(self.session.end_reason) from None
+        except _UnsupportedEncoding as exc:
+            # the SET already ran on the server: the session cannot go on, but the caller is told why
+            self.session.end_reason = str(exc)
+            await self._flush_client_quietly()
+            await self._say_to_client(
+                codec.encode(ErrorResponse.build(FEATURE_NOT_SUPPORTED, f"{exc}; the session ends", severity="FATAL", hint="use UTF8"))
+            )
+            raise SessionError(str(exc)) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.session.end_reason = self.session.end_reason or "connection lost"
         finally:
             scope.cancel()
+
+    async def _flush_client_quietly(self) -> None:
+        try:
+            with trio.move_on_after(1):
+                await self._flush_client()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
     async def farewell(self, reason: str) -> None:
         """Gateway shutdown or an expired credential: a FATAL error, unless a write was cut short."""
@@ -1027,7 +1046,7 @@ class Relay:
         status = codec.decode_backend(b"S", body)
         if status.name == "client_encoding":
             if encoding_key(status.value) not in SUPPORTED_ENCODINGS:
-                raise SessionError(f"client_encoding {status.value} is not supported through Bastion")
+                raise _UnsupportedEncoding(f"client_encoding {status.value} is not supported through Bastion")
             self.encoding = status.value
             self.session_state[CLIENT_ENCODING_KEY] = status.value
 

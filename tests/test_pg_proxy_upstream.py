@@ -156,3 +156,14 @@ def test_parameter_status_changes_reach_the_caller(postgres_server, tmp_path):
         assert conn.info.parameter_status("application_name") == "renamed"
         conn.execute("set timezone = 'Asia/Tokyo'")
         assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo"
+
+
+def test_an_unsupported_client_encoding_set_mid_session_ends_it_with_a_reason(postgres_server, tmp_path):
+    with run_pg_gateway(postgres_server, tmp_path) as gw:
+        with psycopg.connect(gw.dsn(), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.FeatureNotSupported, match="client_encoding LATIN1 is not supported through Bastion"):
+                conn.execute("set client_encoding to latin1")
+        with psycopg.connect(gw.dsn(), autocommit=True) as other:  # the gateway goes on
+            assert other.execute("select 1").fetchone() == (1,)
+        ended = gw.wait_for(lambda: [e for e in gw.events_of(events.SessionEnded) if "client_encoding" in e.reason])
+        assert "LATIN1" in ended[0].reason
