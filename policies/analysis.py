@@ -1048,11 +1048,35 @@ def _route(statement: _Statement, facts: _Facts) -> None:
 
 
 def _parse_tree(statement: _Statement, facts: _Facts) -> exp.Expr:
-    trees = facts.session.sqlglot.parser().parse(statement.tokens, statement.source)
+    try:
+        trees = facts.session.sqlglot.parser().parse(statement.tokens, statement.source)
+    except SqlglotError:
+        tokens = _without_negative_scales(statement.tokens)
+        if tokens is None:
+            raise
+        trees = facts.session.sqlglot.parser().parse(tokens, statement.source)
     found = [tree for tree in trees if tree is not None and not isinstance(tree, exp.Semicolon)]
     if len(found) != 1:
         raise _Unparsable("not exactly one statement")
     return found[0]
+
+
+_NEGATIVE_SCALE = (TokenType.L_PAREN, TokenType.NUMBER, TokenType.COMMA, TokenType.DASH, TokenType.NUMBER, TokenType.R_PAREN)
+
+
+def _without_negative_scales(tokens: Sequence[Token]) -> list[Token] | None:
+    """The tokens with ``numeric(p, -s)`` read as ``numeric(p, s)`` (PostgreSQL 15 allows a negative
+    scale; sqlglot does not parse it). Only the type modifier changes, so tables, columns and
+    findings are those of the statement; None when there is no such modifier."""
+    drop = [
+        index + 4
+        for index in range(len(tokens) - len(_NEGATIVE_SCALE))
+        if tokens[index].token_type == TokenType.DECIMAL
+        and all(tokens[index + 1 + k].token_type == kind for k, kind in enumerate(_NEGATIVE_SCALE))
+    ]
+    if not drop:
+        return None
+    return [token for index, token in enumerate(tokens) if index not in drop]
 
 
 def _parsed(statement: _Statement, facts: _Facts) -> None:
