@@ -196,3 +196,11 @@ def test_the_key_check_notices_an_undocumented_key():
 
     texts = text_per_kind('**`kind = "x"`**\n\n| key | meaning |\n| `documented` | yes |\n\n**`kind = "y"`**: `forgotten`\n')
     assert keys_of(Options) - documented_names(texts["x"]) == {"forgotten"}
+
+
+def test_the_readme_shows_a_measured_benchmark_table_with_its_command():
+    section = README.split("## Benchmarks", 1)[1]
+    assert "benchmarks/run.py" in section and "Latest run:" in section
+    table = [line for line in section.splitlines() if line.startswith("| simple |") or line.startswith("| prepared |")]
+    assert len(table) == 4  # 1 and 8 clients for each shown mode
+    assert (ROOT / "benchmarks" / "run.py").exists()
