@@ -30,17 +30,18 @@ Every audit event is kept in memory (``gw.events``, ``gw.events_of(cls)``); set
 ``gw.trail.failing = True`` to make the trail refuse records (audit unavailable).
 The upstream password is written to a file the config references; the caller never sees it.
 
-The identity provider, the policy engine and the SQL parser are stand-ins registered in code
-until the real plugins (identity_static, policy, sql) are installed; ``TOKEN`` is the token of
-the identity ``ci-bot``. When ``bastion.plugins.sql`` exists, it parses statements; otherwise
-:class:`PlainParser` does (one request per message, action = first keyword).
+Statements are parsed by the real SQL plugin. Two small test plugins, registered in code, let a
+protocol test say who calls and what is allowed without writing a policy: ``kind = "test-tokens"``
+maps fixed tokens to subjects (``TOKEN`` is the identity ``ci-bot``), and :class:`GrantAll` allows
+everything except what its ``refuse`` function picks. With ``bundle=`` the real policy engine
+decides instead; the real identity providers are exercised through ``gateway_extra`` sections and
+in tests/test_identity_*.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-import importlib.util
 import json
 import os
 import re
@@ -80,7 +81,7 @@ STOP_TIMEOUT = 20.0
 EVENT_TIMEOUT = 10.0
 
 
-# --- stand-in plugins ------------------------------------------------------------------------------
+# --- test plugins --------------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -150,38 +151,6 @@ def refuse_text(*words: str, rule: str = "test:refused") -> GrantAll:
         return None
 
     return GrantAll(refuse)
-
-
-_FIRST_WORD = re.compile(r"\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*([A-Za-z]+)", re.S)
-
-
-class PlainParser:
-    """Stand-in for ``bastion.plugins.sql``: one request per message, no analysis."""
-
-    @hookimpl(trylast=True)
-    def bastion_parse(self, session, message):
-        if message.protocol != "postgres":
-            return None
-        if message.kind == "function-call":
-            return [Request(message=message, action="function-call", redacted_text=message.text)]
-        if message.kind != "statement":
-            return None
-        match = _FIRST_WORD.match(message.text)
-        action = match[1].lower() if match else "empty"
-        return [Request(message=message, action=action, redacted_text=_redact(message.text))]
-
-
-def _redact(text: str) -> str:
-    try:
-        from bastion.policies.fingerprint import redact
-
-        return redact(text, "postgres")
-    except Exception:  # the stand-in never keeps a literal it could not mask
-        return "<statement>"
-
-
-def real_sql_parser_installed() -> bool:
-    return importlib.util.find_spec("bastion.plugins.sql") is not None
 
 
 # --- the audit trail -----------------------------------------------------------------------------
@@ -382,13 +351,10 @@ def build_hooks_and_config(config_path: Path, plugins: Iterable[object]) -> tupl
 
     if "postgres" not in BUILTIN_PLUGINS:
         extra.append(_postgres_plugin())
-    if not real_sql_parser_installed():
-        extra.append(PlainParser())
-    else:
-        import bastion.plugins.sql as sql
+    import bastion.plugins.sql as sql
 
-        if "sql" not in BUILTIN_PLUGINS:
-            extra.append(sql)
+    if "sql" not in BUILTIN_PLUGINS:
+        extra.append(sql)
     pm = build_plugin_manager(disabled_plugins(raw), entry_points=False, extra=extra)
     hooks = Hooks(pm)
     config = load_config(config_path, hooks.registry(), raw)
