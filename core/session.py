@@ -203,19 +203,27 @@ class Session:
             if identity.expires_at is not None and identity.expires_at.timestamp() <= time.time():
                 outcome = AuthOutcome.reject("the credential has expired")
         if outcome.status is not AuthStatus.OK or outcome.identity is None:
-            self.runtime.metrics.auth_failures.labels(self.config.name).inc()
-            await self.record(
-                events.AuthenticationFailed(
-                    session_id=self.id,
-                    target=self.config.name,
-                    client=self.client,
-                    reason=outcome.reason or "rejected",
-                    client_user=client_user,
-                    provider=provider_name,
-                )
-            )
+            await self.authentication_failed(outcome.reason or "rejected", client_user=client_user, provider=provider_name)
             raise AuthenticationFailed(outcome.reason or "rejected")
         return await self._start(outcome.identity, client_user=client_user, database=database)
+
+    async def authentication_failed(self, reason: str, *, client_user: str | None = None, provider: str | None = None) -> None:
+        """Count and record a failed login (the caller is told only that authentication failed).
+
+        :meth:`authenticate` calls it; a protocol calls it for a credential it refuses before any
+        provider can see it (e.g. one too large for the protocol's password message).
+        """
+        self.runtime.metrics.auth_failures.labels(self.config.name).inc()
+        await self.record(
+            events.AuthenticationFailed(
+                session_id=self.id,
+                target=self.config.name,
+                client=self.client,
+                reason=reason,
+                client_user=client_user,
+                provider=provider,
+            )
+        )
 
     async def accept_anonymous(self, *, client_user: str | None = None) -> Identity:
         """For targets configured without caller authentication: the identity ``anonymous``.
@@ -353,8 +361,17 @@ class Session:
         """The caller says why (``SET bastion.justification`` in PostgreSQL): shown to reviewers of
         this session's later requests. Recorded as a request Bastion answered itself; None clears it.
         """
+        if text is None:
+            await self.record_own_answer("RESET bastion.justification", "bastion:justification", "justification cleared", kind=kind)
+        else:
+            shown = self._record_masker()(text)
+            await self.record_own_answer("SET bastion.justification = ?", "bastion:justification", f"justification: {shown}", kind=kind)
+        self.justification = text
+
+    async def record_own_answer(self, statement: str, rule: str, reason: str, *, kind: str, allowed: bool = True) -> None:
+        """Record a request the gateway answers itself, without the parse and authorize hooks
+        (a setting of its own, or a refusal of one): ``statement`` must hold no literal."""
         self.requests += 1
-        shown = None if text is None else self._record_masker()(text)
         await self.record(
             events.RequestJudged(
                 session_id=self.id,
@@ -362,14 +379,13 @@ class Session:
                 identity=self.identity.subject if self.identity else "",
                 target=self.config.name,
                 kind=kind,
-                statements=("SET bastion.justification = ?" if text is not None else "RESET bastion.justification",),
+                statements=(statement,),
                 actions=("set",),
-                verdict=Verdict.ALLOW.value,
-                rules=("bastion:justification",),
-                reasons=(f"justification: {shown}" if shown is not None else "justification cleared",),
+                verdict=(Verdict.ALLOW if allowed else Verdict.DENY).value,
+                rules=(rule,),
+                reasons=(reason,),
             ),
         )
-        self.justification = text
 
     async def approve_rows(self, judgement: Judgement, rows_sent: int) -> Decision:
         """A result reached its review threshold: hold it until a reviewer decides.

@@ -39,7 +39,6 @@ import ssl
 import attrs
 import trio
 
-from bastion.core import events
 from bastion.core.config import Duration
 from bastion.core.errors import AuthenticationFailed, ConnectDenied, SessionError, UpstreamUnavailable
 from bastion.core.hookspecs import hookimpl
@@ -210,16 +209,7 @@ class PostgresHandler:
                 raise
             # a credential too large for the protocol is a failed login like any other: recorded,
             # counted, and answered without saying why
-            session.runtime.metrics.auth_failures.labels(session.config.name).inc()
-            await session.record(
-                events.AuthenticationFailed(
-                    session_id=session.id,
-                    target=session.config.name,
-                    client=session.client,
-                    reason=f"the password message is over the protocol's limit ({exc.message})",
-                    client_user=user,
-                )
-            )
+            await session.authentication_failed(f"the password message is over the protocol's limit ({exc.message})", client_user=user)
             await login.send_quietly(client, login.fatal(login.INVALID_PASSWORD, f'password authentication failed for user "{user}"'))
             raise AuthenticationFailed("the password message is over the protocol's limit") from None
         if password is None:

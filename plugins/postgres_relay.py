@@ -403,22 +403,13 @@ class Relay:
         except _UnsupportedEncoding as exc:
             # the SET already ran on the server: the session cannot go on, but the caller is told why
             self.session.end_reason = str(exc)
-            await self._flush_client_quietly()
-            await self._say_to_client(
-                codec.encode(ErrorResponse.build(FEATURE_NOT_SUPPORTED, f"{exc}; the session ends", severity="FATAL", hint="use UTF8"))
-            )
+            fatal = codec.encode(ErrorResponse.build(FEATURE_NOT_SUPPORTED, f"{exc}; the session ends", severity="FATAL", hint="use UTF8"))
+            await self._say_to_client(b"".join(self.to_client) + fatal)  # what was already answered, then why
             raise SessionError(str(exc)) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.session.end_reason = self.session.end_reason or "connection lost"
         finally:
             scope.cancel()
-
-    async def _flush_client_quietly(self) -> None:
-        try:
-            with trio.move_on_after(1):
-                await self._flush_client()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
 
     async def farewell(self, reason: str) -> None:
         """Gateway shutdown or an expired credential: a FATAL error, unless a write was cut short."""
@@ -655,21 +646,7 @@ class Relay:
 
     async def _refuse_setting(self, exc: SettingError, *, extended: bool = False) -> None:
         """A ``SET bastion.*`` Bastion will not take: refused like a denied statement, recorded."""
-        self.session.requests += 1
-        await self.session.record(
-            events.RequestJudged(
-                session_id=self.session.id,
-                request_no=self.session.requests,
-                identity=self.session.identity.subject if self.session.identity else "",
-                target=self.session.config.name,
-                kind="parse" if extended else "statement",
-                statements=("SET bastion.* ?",),
-                actions=("set",),
-                verdict=Verdict.DENY.value,
-                rules=("bastion:settings",),
-                reasons=(exc.message,),
-            )
-        )
+        await self.session.record_own_answer("SET bastion.* ?", "bastion:settings", exc.message, kind="parse" if extended else "statement", allowed=False)
         refusal = codec.encode(ErrorResponse.build(exc.sqlstate, exc.message))
         if extended:
             self._refuse_extended(refusal)
@@ -728,29 +705,24 @@ class Relay:
             # the server prepares an empty statement under the caller's name; Execute answers SET
             statement = Prepared(parse.name, Message("postgres", "statement", text="", dialect="postgres"), (), parse.param_type_oids)
             statement.setting = setting
-            body = codec.encode(Parse(parse.name, "", parse.param_type_oids))[5:]
-            self.statements.define(parse.name, statement, self.batch)
-            entry = _Entry(PARSE, self.batch)
-            entry.name = parse.name
-            entry.obj = statement
-            self.pending.append(entry)
-            self._up(_HEADER.pack(b"P", len(body) + 4) + body)
-            return
-        await self._before_judging()
-        session = self.session
-        message = Message("postgres", "statement", text=parse.query, dialect="postgres")
-        requests, decision = session.judge(message)
-        if decision.verdict is Verdict.DENY:
-            judgement = await session.check(message, kind="parse", judged=(requests, decision))
-            self._refuse_extended(self._refusal(judgement))
-            return
-        statement = Prepared(parse.name, message, tuple(requests), parse.param_type_oids)
+            wire = codec.encode(Parse(parse.name, "", parse.param_type_oids))
+        else:
+            await self._before_judging()
+            session = self.session
+            message = Message("postgres", "statement", text=parse.query, dialect="postgres")
+            requests, decision = session.judge(message)
+            if decision.verdict is Verdict.DENY:
+                judgement = await session.check(message, kind="parse", judged=(requests, decision))
+                self._refuse_extended(self._refusal(judgement))
+                return
+            statement = Prepared(parse.name, message, tuple(requests), parse.param_type_oids)
+            wire = _HEADER.pack(b"P", len(body) + 4) + body
         self.statements.define(parse.name, statement, self.batch)
         entry = _Entry(PARSE, self.batch)
         entry.name = parse.name
         entry.obj = statement
         self.pending.append(entry)
-        self._up(_HEADER.pack(b"P", len(body) + 4) + body)
+        self._up(wire)
 
     async def _bind(self, body: bytes) -> None:
         bind = codec.decode_frontend(b"B", body)
@@ -1464,8 +1436,7 @@ class Relay:
                 error_message=message,
                 masked={ECHOED_VALUES_KEY: echoed} if echoed else {},
             )
-        if not self.suppressing:
-            self._down(codec.encode(ErrorResponse(fields)) if fields is not None else _HEADER.pack(b"E", len(body) + 4) + body)
+        self._forward_fields(b"E", body, ErrorResponse, fields)
 
     def _masked_fields(self, message) -> tuple[tuple | None, int]:
         """An error's or notice's fields with those that can echo values masked (None: nothing
@@ -1491,16 +1462,16 @@ class Relay:
         except HookError:
             return "(withheld by Bastion: the text could not be masked)"
 
-    def _forward_fields(self, kind: bytes, body: bytes, cls, message=None) -> None:
-        """An ErrorResponse or NoticeResponse, with the fields that can echo values masked."""
+    def _forward_fields(self, kind: bytes, body: bytes, cls, fields: tuple | None = None) -> None:
+        """An ErrorResponse or NoticeResponse, with the fields that can echo values masked
+        (``fields``: already masked by the caller; None: masked here)."""
         if self.suppressing and kind == b"E":
             return
         if not self.mask_texts:
             self._forward(kind, body)
             return
-        if message is None:
-            message = codec.decode_backend(kind, body)
-        fields, _ = self._masked_fields(message)
+        if fields is None:
+            fields, _ = self._masked_fields(codec.decode_backend(kind, body))
         self._down(codec.encode(cls(fields)))
 
     # --- COPY TO STDOUT --------------------------------------------------------------------------------

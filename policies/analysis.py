@@ -82,6 +82,7 @@ from sqlglot import exp
 from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import SqlglotError
 from sqlglot.optimizer.qualify import qualify
+from sqlglot.optimizer.simplify import simplify
 from sqlglot.schema import MappingSchema
 from sqlglot.tokens import Token, TokenType
 
@@ -2291,8 +2292,6 @@ def _always_true(node: exp.Expr) -> bool:
 def _known_false(node: exp.Expr) -> bool:
     """A row-independent term that is certainly false or NULL (``false``, ``1 = 2``)."""
     try:
-        from sqlglot.optimizer.simplify import simplify
-
         value = simplify(node.copy())
     except Exception:  # a term simplify cannot handle: not known to be false
         return False

@@ -614,16 +614,16 @@ def _json_spans(data: bytes, spans: list[Span]) -> tuple[list[Span], Callable[[i
 
 # A whole value that is a date (as the dob recognizer writes them): partial keeps the year only.
 # Keeping the last four digits would keep month and day, which Safe Harbor does not allow.
-_DATE_VALUE = re.compile(rb"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}|[0-9]{1,2}/[0-9]{1,2}/[0-9]{4}")
+_DATE_VALUE = re.compile(rb"\s*([0-9]{4}-[0-9]{1,2}-[0-9]{1,2}|[0-9]{1,2}/[0-9]{1,2}/[0-9]{4})\s*")
 
 
 def _partial_whole_text(value: bytes) -> bytes:
     email = _EMAIL_VALUE.fullmatch(value) if b"@" in value else None
     if email is not None:
         return b"****" + email.group(1)
-    stripped = value.strip()
-    if _DATE_VALUE.fullmatch(stripped):
-        return BUILTIN_RECOGNIZERS["dob"].partial(stripped)
+    date = _DATE_VALUE.fullmatch(value)
+    if date is not None:
+        return BUILTIN_RECOGNIZERS["dob"].partial(date[1])
     return mask_keeping_last_digits(value)
 
 

@@ -779,7 +779,12 @@ def _encode_row_description(message: RowDescription) -> bytes:
 
 
 def _encode_data_row(message: DataRow) -> bytes:
-    values = message.values
+    return encode_data_row_values(message.values)
+
+
+def encode_data_row_values(values: list[bytes | None] | tuple[bytes | None, ...]) -> bytes:
+    """The complete wire bytes of a DataRow carrying ``values`` (what ``encode(DataRow(values))``
+    gives, without the message object: see :func:`data_row_values`)."""
     if len(values) > _U16_MAX:
         raise ValueError(f"{len(values)} values do not fit a 16-bit count")
     parts = [b""]
@@ -945,21 +950,6 @@ def data_row_values(body: bytes) -> list[bytes | None]:
     if pos != len(body):
         raise _violation("DataRow has bytes past its last value")
     return list(values)
-
-
-def encode_data_row_values(values: list[bytes | None] | tuple[bytes | None, ...]) -> bytes:
-    """The complete wire bytes of a DataRow carrying ``values`` (what ``encode(DataRow(values))``
-    gives, for the same per-row reason as :func:`data_row_values`)."""
-    return _encode_data_row(_RowValues(values))
-
-
-class _RowValues:
-    """Just enough of a DataRow for its encoder."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values) -> None:
-        self.values = values
 
 
 def password_kind_for(request: BackendMessage) -> str | None:
