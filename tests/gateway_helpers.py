@@ -28,6 +28,62 @@ def write_config(directory: Path, body: str, *, policy: str | None = None, name:
     return path
 
 
+def write_oidc_postgres_config(
+    directory: Path,
+    server,
+    issuer_url: str,
+    audience: str,
+    *,
+    listen: str = "127.0.0.1:0",
+    admin_listen: str = "127.0.0.1:0",
+    user: str = "postgres",
+    password: str = '{ file = "db-password" }',
+    gateway_extra: str = "",
+    identity_extra: str = "",
+) -> Path:
+    """A ``postgres`` target named ``db`` behind a GitHub-shaped ``oidc`` identity section, with a
+    grant letting ``repo:acme/etl:*`` run selects; Bastion logs in upstream as ``user`` with the
+    ``password`` reference (TOML). Returns the configuration's path."""
+    policy = """
+        [[grant]]
+        name = "ci"
+        identities = { subjects = ["repo:acme/etl:*"] }
+        targets = ["db"]
+        statements = ["select"]
+        """
+    return write_config(
+        directory,
+        f"""
+        [gateway]
+        state_dir = "state"
+        admin_listen = "{admin_listen}"
+        {gateway_extra}
+
+        [[identity]]
+        kind = "oidc"
+        name = "github"
+        issuer = "{issuer_url}"
+        audience = "{audience}"
+        subject_template = "repo:{{repository}}:ref:{{ref}}"
+        groups_claim = "teams"
+        ci_claims = ["repository", "run_id"]
+        {identity_extra}
+
+        [[targets]]
+        name = "db"
+        protocol = "postgres"
+        listen = "{listen}"
+        upstream = "{server.host}:{server.port}"
+        database = "postgres"
+        allow_plaintext_auth = true
+        [targets.credentials]
+        user = "{user}"
+        password = {password}
+        """,
+        policy=policy,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(config_path: Path, *, extra_plugins: Iterable[object] = ()) -> AsyncIterator[Gateway]:
     """A gateway serving in the background for the duration of the block, then shut down."""

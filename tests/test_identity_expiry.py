@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import time
 from datetime import UTC, datetime
 
@@ -14,7 +13,7 @@ import jwt
 import psycopg
 import pytest
 
-from tests.gateway_helpers import bastion_serve
+from tests.gateway_helpers import bastion_serve, write_oidc_postgres_config
 from tests.servers import free_port
 
 AUDIENCE = "https://bastion.test"
@@ -25,49 +24,15 @@ def write_config(directory, postgres_server, issuer, *, gateway_extra: str = "")
     """A postgres target behind the test issuer's GitHub-shaped OIDC provider; (config, port, admin)."""
     port, admin = free_port(), free_port()
     (directory / "db-password").write_text(postgres_server.password)
-    (directory / "grants.toml").write_text(
-        textwrap.dedent(
-            """
-            [[grant]]
-            name = "ci"
-            identities = { subjects = ["repo:acme/etl:*"] }
-            targets = ["db"]
-            statements = ["select"]
-            """
-        )
-    )
-    config = directory / "bastion.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [gateway]
-            state_dir = "state"
-            admin_listen = "127.0.0.1:{admin}"
-            policies = ["grants.toml"]
-            {gateway_extra}
-
-            [[identity]]
-            kind = "oidc"
-            name = "github"
-            issuer = "{issuer.github.issuer_url}"
-            audience = "{AUDIENCE}"
-            subject_template = "repo:{{repository}}:ref:{{ref}}"
-            groups_claim = "teams"
-            ci_claims = ["repository", "run_id"]
-            leeway = "1s"
-
-            [[targets]]
-            name = "db"
-            protocol = "postgres"
-            listen = "127.0.0.1:{port}"
-            upstream = "{postgres_server.host}:{postgres_server.port}"
-            database = "postgres"
-            allow_plaintext_auth = true
-            [targets.credentials]
-            user = "postgres"
-            password = {{ file = "db-password" }}
-            """
-        )
+    config = write_oidc_postgres_config(
+        directory,
+        postgres_server,
+        issuer.github.issuer_url,
+        AUDIENCE,
+        listen=f"127.0.0.1:{port}",
+        admin_listen=f"127.0.0.1:{admin}",
+        gateway_extra=gateway_extra,
+        identity_extra='leeway = "1s"',
     )
     return config, port, admin
 

@@ -5,7 +5,6 @@ real server with no restart."""
 
 from __future__ import annotations
 
-import textwrap
 import uuid
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,7 @@ import trio
 
 from bastion.core import events
 from bastion.core.hookspecs import hookimpl
-from tests.gateway_helpers import running_gateway
+from tests.gateway_helpers import running_gateway, write_oidc_postgres_config
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 
@@ -29,49 +28,7 @@ DEADLINE = 60
 
 def write_config(directory: Path, server, issuer, *, user: str, password: str) -> Path:
     """A postgres target logging in upstream as ``user`` with the ``password`` reference (TOML)."""
-    (directory / "grants.toml").write_text(
-        textwrap.dedent(
-            """
-            [[grant]]
-            name = "ci"
-            identities = { subjects = ["repo:acme/etl:*"] }
-            targets = ["db"]
-            statements = ["select"]
-            """
-        )
-    )
-    config = directory / "bastion.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [gateway]
-            state_dir = "state"
-            admin_listen = "127.0.0.1:0"
-            policies = ["grants.toml"]
-
-            [[identity]]
-            kind = "oidc"
-            name = "github"
-            issuer = "{issuer.github.issuer_url}"
-            audience = "{AUDIENCE}"
-            subject_template = "repo:{{repository}}:ref:{{ref}}"
-            groups_claim = "teams"
-            ci_claims = ["repository", "run_id"]
-
-            [[targets]]
-            name = "db"
-            protocol = "postgres"
-            listen = "127.0.0.1:0"
-            upstream = "{server.host}:{server.port}"
-            database = "postgres"
-            allow_plaintext_auth = true
-            [targets.credentials]
-            user = "{user}"
-            password = {password}
-            """
-        )
-    )
-    return config
+    return write_oidc_postgres_config(directory, server, issuer.github.issuer_url, AUDIENCE, user=user, password=password)
 
 
 def mint(issuer) -> str:
