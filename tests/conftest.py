@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from tests import servers
@@ -31,3 +33,25 @@ def redis_server():
 def nats_server():
     with servers.run_nats() as server:
         yield server
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    """A disk that can fill up: while ``disk.full``, audit log writes stop half way with ENOSPC.
+    The trail retries a failed log quickly (a module may shorten or lengthen that by overriding)."""
+    from bastion.core import audit, auditlog
+
+    real = auditlog._write_all
+
+    class Disk:
+        full = False
+
+    def write_all(descriptor, data):
+        if Disk.full:
+            real(descriptor, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(descriptor, data)
+
+    monkeypatch.setattr(auditlog, "_write_all", write_all)
+    monkeypatch.setattr(audit, "REOPEN_RETRY_MAX", 0.05)
+    return Disk

@@ -13,7 +13,6 @@ names its number in an identifier too: ``insert into t as m_17 (n) values (17)``
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import signal
@@ -305,23 +304,11 @@ def test_a_gateway_killed_under_load_left_a_record_for_every_row_the_server_has(
 
 
 @pytest.fixture
-def disk(monkeypatch):
-    """A disk that can fill up: while ``disk.full``, audit log writes stop half way with ENOSPC
-    (the approach of tests/test_audit_trail.py, here under a whole gateway in this process)."""
-    real = auditlog._write_all
-
-    class Disk:
-        full = False
-
-    def write_all(descriptor, data):
-        if Disk.full:
-            real(descriptor, bytes(data)[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(descriptor, data)
-
-    monkeypatch.setattr(auditlog, "_write_all", write_all)
+def disk(disk, monkeypatch):
+    """The shared fillable disk (tests/conftest.py), here under a whole gateway in this process:
+    a slower retry, so a busy machine still sees the refusals before the log reopens."""
     monkeypatch.setattr(audit, "REOPEN_RETRY_MAX", 0.2)
-    return Disk
+    return disk
 
 
 def test_a_trail_that_cannot_write_refuses_statements_until_it_can_again(tmp_path, postgres_server, disk) -> None:

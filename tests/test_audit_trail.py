@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import signal
@@ -176,25 +175,6 @@ async def test_closing_while_a_durable_record_waits_for_its_fsync_finishes_that_
     assert requests_in(trail.directory) == [0, 1, 2]
     report = verify(trail)
     assert report.ok and report.chains[0].open_segment is None
-
-
-@pytest.fixture
-def disk(monkeypatch):
-    """A disk that can fill up: while ``disk.full``, writes stop half way with ENOSPC."""
-    real = auditlog._write_all
-
-    class Disk:
-        full = False
-
-    def write_all(descriptor, data):
-        if Disk.full:
-            real(descriptor, bytes(data)[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(descriptor, data)
-
-    monkeypatch.setattr(auditlog, "_write_all", write_all)
-    monkeypatch.setattr(audit, "REOPEN_RETRY_MAX", 0.05)
-    return Disk
 
 
 @trio.testing.trio_test
