@@ -471,14 +471,9 @@ def test_a_statement_pipelined_behind_a_denied_result_is_not_cancelled(pg_gatewa
             select_1(client)
 
 
-# the same rules, but nobody can answer a bulk read in time
-EXPIRING_BUNDLE = BUNDLE[: BUNDLE.index("[[review]]\nname = \"bulk-read\"")] + """
-[[review]]
-name = "bulk-read"
-when = { rows_over = 1000, tables = ["*.bulk_*"] }
-approvers = { groups = ["privacy"] }
-timeout = "1s"
-"""
+# the same rules, but nobody can answer a bulk read in time (bulk-read is the last rule)
+EXPIRING_BUNDLE = BUNDLE[: BUNDLE.rindex('timeout = "2m"')] + 'timeout = "1s"\n'
+assert BUNDLE.rindex('timeout = "2m"') > BUNDLE.index('name = "bulk-read"')
 
 
 def test_a_result_nobody_approves_in_time_stops_at_its_threshold(pg_gateway):
