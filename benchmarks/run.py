@@ -5,9 +5,12 @@
 Everything runs on this machine against a throwaway PostgreSQL (SCRAM authentication):
 
 * pgbench ``-S`` (select only) in ``-M simple|extended|prepared`` with 1 and 8 clients, each
-  round measuring direct, PgBouncer (session pooling) and Bastion one after the other, so the
-  three share the machine's state; TPS, mean latency and the ratios to direct and to PgBouncer;
-* the CPU the gateway process spends per query (its own utime + stime over the round);
+  round measuring direct, PgBouncer (session pooling), a bare hop (``bare_hop.py``: bytes copied
+  on Bastion's own trio socket layer, no pipeline: the floor of this process model) and Bastion
+  one after the other, so they share the machine's state; TPS, mean latency and the ratios to
+  direct and to PgBouncer;
+* the CPU the gateway process (and the bare hop) spends per query (its own utime + stime over
+  the round);
 * statement analysis µs on a fingerprint-cache hit and a miss; masking throughput in MB/s;
 * the gateway's peak RSS while a result of at least 1 GB streams through masking, and its RSS
   with 1,000 idle sessions open;
@@ -166,18 +169,10 @@ def mint_token(config: Path, subject: str, groups: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-class Bastion:
-    """``bastion serve`` as a separate process, as users run it, so its own CPU can be read."""
+class MeasuredProcess:
+    """A relay running as its own process, so its own CPU and memory can be read."""
 
-    def __init__(self, config: Path, listen_port: int, admin_port: int, workers: int = 1) -> None:
-        command = [sys.executable, "-m", "bastion.core.cli", "serve", "-c", str(config)]
-        if workers > 1:
-            command += ["--workers", str(workers)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(config.parent / f"bastion-{workers}.log", "ab"))
-        self.port = listen_port
-        self.admin_port = admin_port
-        wait_for_port(listen_port, self.process)
-        wait_for_port(admin_port, self.process)
+    process: subprocess.Popen
 
     def pids(self) -> list[int]:
         children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout.split()
@@ -209,6 +204,30 @@ class Bastion:
             self.process.kill()
 
 
+class Bastion(MeasuredProcess):
+    """``bastion serve``, as users run it."""
+
+    def __init__(self, config: Path, listen_port: int, admin_port: int, workers: int = 1) -> None:
+        command = [sys.executable, "-m", "bastion.core.cli", "serve", "-c", str(config)]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(config.parent / f"bastion-{workers}.log", "ab"))
+        self.port = listen_port
+        self.admin_port = admin_port
+        wait_for_port(listen_port, self.process)
+        wait_for_port(admin_port, self.process)
+
+
+class BareHop(MeasuredProcess):
+    """``benchmarks/bare_hop.py``: bytes copied both ways on Bastion's runtime, no pipeline."""
+
+    def __init__(self, server, work: Path) -> None:
+        self.port = free_port()
+        command = [sys.executable, str(ROOT / "benchmarks" / "bare_hop.py"), str(self.port), server.host, str(server.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(work / "bare-hop.log", "ab"))
+        wait_for_port(self.port, self.process)
+
+
 # --- measurements -------------------------------------------------------------------------------------
 
 
@@ -227,24 +246,39 @@ def pgbench(server, port: int, password: str, user: str, mode: str, clients: int
     return {"tps": round(tps, 1), "latency_ms": latency, "transactions": transactions}
 
 
-def measure_pgbench(server, bouncer_port: int, bastion: Bastion, token: str, duration: int) -> list[dict]:
+def pgbench_through(relay: MeasuredProcess, *args) -> tuple[dict, float | None]:
+    """pgbench through ``relay``, and the CPU µs the relay's processes spent per transaction."""
+    before = relay.cpu_seconds()
+    result = pgbench(*args)
+    cpu = relay.cpu_seconds() - before
+    return result, (round(cpu / result["transactions"] * 1e6, 1) if "tps" in result else None)
+
+
+def measure_pgbench(server, bouncer_port: int, bastion: Bastion, bare: BareHop, token: str, duration: int) -> list[dict]:
     rows = []
     for mode in MODES:
         for clients in CLIENTS:
             direct = pgbench(server, server.port, BENCH_PASSWORD, BENCH_USER, mode, clients, duration)
             bouncer = pgbench(server, bouncer_port, BENCH_PASSWORD, BENCH_USER, mode, clients, duration)
-            before = bastion.cpu_seconds()
-            through = pgbench(server, bastion.port, token, "bench-ci", mode, clients, duration)
-            cpu = bastion.cpu_seconds() - before
-            row = {"mode": mode, "clients": clients, "direct": direct, "pgbouncer": bouncer, "bastion": through}
-            if "tps" in through:
-                row["bastion_cpu_us_per_query"] = round(cpu / through["transactions"] * 1e6, 1)
+            hop, hop_cpu = pgbench_through(bare, server, bare.port, BENCH_PASSWORD, BENCH_USER, mode, clients, duration)
+            through, cpu = pgbench_through(bastion, server, bastion.port, token, "bench-ci", mode, clients, duration)
+            row = {"mode": mode, "clients": clients, "direct": direct, "pgbouncer": bouncer, "bare_hop": hop, "bastion": through}
+            if hop_cpu is not None:
+                row["bare_hop_cpu_us_per_query"] = hop_cpu
+            if cpu is not None:
+                row["bastion_cpu_us_per_query"] = cpu
                 if "tps" in direct:
                     row["ratio_to_direct"] = round(through["tps"] / direct["tps"], 3)
                 if "tps" in bouncer:
                     row["ratio_to_pgbouncer"] = round(through["tps"] / bouncer["tps"], 3)
+            if "tps" in hop and "tps" in direct:
+                row["bare_hop_ratio_to_direct"] = round(hop["tps"] / direct["tps"], 3)
             rows.append(row)
-            print(f"  {mode:9} {clients} client(s): direct {direct.get('tps')} tps, pgbouncer {bouncer.get('tps')}, bastion {through.get('tps')} ({row.get('bastion_cpu_us_per_query')} µs CPU/query) {through.get('error', '')}", flush=True)
+            print(
+                f"  {mode:9} {clients} client(s): direct {direct.get('tps')} tps, pgbouncer {bouncer.get('tps')}, "
+                f"bare hop {hop.get('tps')} ({hop_cpu} µs CPU/query), bastion {through.get('tps')} ({cpu} µs CPU/query) {through.get('error', '')}",
+                flush=True,
+            )
     return rows
 
 
@@ -433,9 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         token = mint_token(config, "bench-ci", "bench")
         reviewer = mint_token(config, "bench-reviewer", "reviewers")
         bastion = Bastion(config, listen_port, admin_port)
+        bare = BareHop(server, work)
         try:
-            print("pgbench -S (direct, pgbouncer, bastion interleaved):", flush=True)
-            results["pgbench"] = measure_pgbench(server, bouncer_port, bastion, token, args.duration)
+            print("pgbench -S (direct, pgbouncer, bare hop, bastion interleaved):", flush=True)
+            results["pgbench"] = measure_pgbench(server, bouncer_port, bastion, bare, token, args.duration)
+            bare.stop()
             print("statement analysis and masking…", flush=True)
             results["analysis"] = measure_analysis()
             results["masking"] = measure_masking()
@@ -449,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # the harness reports what it could not measure
                 results["approval_wakeup"] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
+            bare.stop()
             bastion.stop()
         print("two workers…", flush=True)
         workers = Bastion(config, listen_port, admin_port, workers=2)
@@ -474,13 +511,14 @@ def render_table(results: dict) -> str:
     lines = [
         f"Bastion benchmark, {results['date']}, {results['machine']}",
         "",
-        "| pgbench -S | clients | direct TPS | PgBouncer TPS | Bastion TPS | Bastion / direct | Bastion / PgBouncer | Bastion latency ms | gateway CPU µs/query |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pgbench -S | clients | direct TPS | PgBouncer TPS | bare hop TPS (CPU µs/query) | Bastion TPS | Bastion / direct | Bastion / PgBouncer | Bastion latency ms | gateway CPU µs/query |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results.get("pgbench", []):
+        hop = row.get("bare_hop", {})
         lines.append(
-            f"| {row['mode']} | {row['clients']} | {row['direct'].get('tps')} | {row['pgbouncer'].get('tps')} | {row['bastion'].get('tps')} "
-            f"| {row.get('ratio_to_direct')} | {row.get('ratio_to_pgbouncer')} | {row['bastion'].get('latency_ms')} | {row.get('bastion_cpu_us_per_query')} |"
+            f"| {row['mode']} | {row['clients']} | {row['direct'].get('tps')} | {row['pgbouncer'].get('tps')} | {hop.get('tps')} ({row.get('bare_hop_cpu_us_per_query')}) "
+            f"| {row['bastion'].get('tps')} | {row.get('ratio_to_direct')} | {row.get('ratio_to_pgbouncer')} | {row['bastion'].get('latency_ms')} | {row.get('bastion_cpu_us_per_query')} |"
         )
     analysis, mask = results.get("analysis", {}), results.get("masking", {})
     big, idle = results.get("big_result", {}), results.get("idle_sessions", {})
