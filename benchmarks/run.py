@@ -15,6 +15,8 @@ Everything runs on this machine against a throwaway PostgreSQL (SCRAM authentica
 * the gateway's peak RSS while a result of at least 1 GB streams through masking, and its RSS
   with 1,000 idle sessions open;
 * approval wake-up latency: from a reviewer's decision to the held statement's result;
+* the fdatasync latency of a record-sized append on the audit log's disk: the floor under a
+  lone session's statements with ``fsync = "durable"``;
 * pgbench through ``bastion serve --workers 2``.
 
 Bastion runs with the full pipeline: an API-key identity, the HIPAA baseline bundle plus grants,
@@ -301,6 +303,29 @@ def measure_analysis() -> dict:
     return {"cache_hit_us": round(hit, 2), "cache_miss_us": round(miss, 1)}
 
 
+def measure_fsync_floor(directory: Path, rounds: int = 200) -> dict:
+    """What one durable statement waits for at least: appending a record-sized write to a file on
+    the audit log's disk and fdatasync-ing it. A lone session's statements cannot go faster than
+    one per fdatasync (``fsync = "durable"`` makes each request record durable before the statement
+    is forwarded); concurrent sessions share one fdatasync per group commit."""
+    path = directory / "fsync-probe.bin"
+    descriptor = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    record = b"r" * 300
+    latencies = []
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            os.write(descriptor, record)
+            os.fdatasync(descriptor)
+            latencies.append(time.perf_counter() - start)
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    latencies.sort()
+    median = latencies[len(latencies) // 2]
+    return {"rounds": rounds, "median_ms": round(median * 1000, 3), "p90_ms": round(latencies[rounds * 9 // 10] * 1000, 3), "lone_session_max_tps": round(1 / median, 1)}
+
+
 def measure_masking() -> dict:
     from bastion.policies import masking, recognizers  # noqa: F401  (imports warm the patterns)
     from bastion.policies.model import Column, MaskingSettings, MaskRule, ResultShape
@@ -475,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             print("statement analysis and masking…", flush=True)
             results["analysis"] = measure_analysis()
             results["masking"] = measure_masking()
+            results["fsync_floor"] = measure_fsync_floor(work)
             print(f"streaming {args.big_result_mb} MB through masking…", flush=True)
             results["big_result"] = measure_big_result(server, bastion, token, args.big_result_mb * 1_000_000)
             print(f"{args.idle_sessions} idle sessions…", flush=True)
@@ -523,6 +549,7 @@ def render_table(results: dict) -> str:
     analysis, mask = results.get("analysis", {}), results.get("masking", {})
     big, idle = results.get("big_result", {}), results.get("idle_sessions", {})
     approval, workers = results.get("approval_wakeup", {}), results.get("workers", {})
+    fsync = results.get("fsync_floor", {})
     lines += [
         "",
         "| measure | value |",
@@ -534,6 +561,7 @@ def render_table(results: dict) -> str:
         f"| RSS with {idle.get('sessions')} idle sessions | {idle.get('rss_mb')} MB |",
         f"| approval wake-up, decision to result | median {approval.get('median_ms')} ms, max {approval.get('max_ms')} ms {approval.get('error', '')} |",
         f"| pgbench -S simple, 8 clients, 1 → 2 workers | {workers.get('one_worker_tps')} → {workers.get('two_workers', {}).get('tps')} TPS |",
+        f"| fdatasync of a record on the audit disk (a lone durable session's floor) | median {fsync.get('median_ms')} ms, p90 {fsync.get('p90_ms')} ms: at most {fsync.get('lone_session_max_tps')} statements/s |",
     ]
     return "\n".join(lines)
 
