@@ -487,7 +487,8 @@ class Relay:
         while True:
             frame = decoder.next_frame()
             if frame is NEED_DATA:
-                await self._flush_upstream()
+                if self.to_upstream:
+                    await self._flush_upstream()
                 if self.idle_timeout and not self.pending:
                     with trio.move_on_after(self.idle_timeout) as idle:
                         data = await client.receive(RECEIVE_BYTES)
@@ -586,10 +587,6 @@ class Relay:
         # (it would never complete when every session is shorter than the read).
         return self.session.runtime.background or self.nursery
 
-    async def _judge_and_check(self, message: Message, *, kind: str, parameters=()):
-        requests, decision = self.session.judge(message)
-        return await self._check(message, kind=kind, parameters=parameters, judged=(requests, decision))
-
     async def _check(self, message: Message, *, kind: str, parameters, judged):
         session = self.session
         if judged[1].verdict is not Verdict.REVIEW:
@@ -680,7 +677,7 @@ class Relay:
             return
         await self._before_judging()
         message = Message("postgres", "statement", text=text, dialect="postgres")
-        judgement = await self._judge_and_check(message, kind="statement")
+        judgement = await self._check(message, kind="statement", parameters=(), judged=self.session.judge(message))
         entry = _Entry(QUERY)
         entry.started = time.monotonic()
         if judgement.allowed:
@@ -833,7 +830,8 @@ class Relay:
         while True:
             frame = decoder.next_frame()
             if frame is NEED_DATA:
-                await self._flush_client()
+                if self.to_client:
+                    await self._flush_client()
                 decoder.receive_data(await upstream.receive(RECEIVE_BYTES))
                 continue
             if frame is END_OF_STREAM:
@@ -854,7 +852,15 @@ class Relay:
                 else:
                     await self._masked_row(result, body)
             else:
-                await self._backend_message(kind, body)
+                # the messages of every result, dispatched here: one coroutine less per message
+                if kind == b"C":
+                    await self._command_complete(body)
+                elif kind == b"Z":
+                    await self._ready_for_query(body)
+                elif kind == b"T":
+                    self._row_description(body)
+                else:
+                    await self._backend_message(kind, body)
                 if self.unrecorded:
                     await self._record_skipped()
             if self.to_client_size >= self.batch_bytes:
