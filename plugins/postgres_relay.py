@@ -1041,7 +1041,9 @@ class Relay:
         if kind == DESCRIBE_S or kind == DESCRIBE_P:
             self._pop()
             if entry.obj is not None:
-                entry.obj.description = codec.decode_backend(b"T", body).fields
+                # the cached object: a statement described again (each Bind of pgbench -M
+                # prepared) then finds its result shape in the shape cache by identity
+                entry.obj.description = self._fields(body)
             if not entry.swallow:
                 self._forward(b"T", body)
             return
