@@ -615,25 +615,43 @@ def _json_spans(data: bytes, spans: list[Span]) -> tuple[list[Span], Callable[[i
 # A whole value that is a date (as the dob recognizer writes them): partial keeps the year only.
 # Keeping the last four digits would keep month and day, which Safe Harbor does not allow.
 _DATE_VALUE = re.compile(rb"\s*([0-9]{4}-[0-9]{1,2}-[0-9]{1,2}|[0-9]{1,2}/[0-9]{1,2}/[0-9]{4})\s*")
+# yyyy-mm-dd or mm/dd/yyyy: a value longer once stripped is no date (bytes.strip() strips the
+# bytes \s matches)
+_DATE_VALUE_MAX_BYTES = 10
+_AT = ord("@")  # `int in bytes` searches at once; `bytes in bytes` first fails to read an int
 
 
 def _partial_whole_text(value: bytes) -> bytes:
-    email = _EMAIL_VALUE.fullmatch(value) if b"@" in value else None
+    # Cheap tests first: most values are neither an address nor a date, and a regex call costs
+    # more than the rest of the mask.
+    email = _EMAIL_VALUE.fullmatch(value) if _AT in value else None
     if email is not None:
         return b"****" + email.group(1)
-    date = _DATE_VALUE.fullmatch(value)
+    date = _DATE_VALUE.fullmatch(value) if len(value.strip()) <= _DATE_VALUE_MAX_BYTES else None
     if date is not None:
         return BUILTIN_RECOGNIZERS["dob"].partial(date[1])
     return mask_keeping_last_digits(value)
 
 
 class _Tally:
-    """Masked-cell counts per audit key, shared by a plan's steps."""
+    """Masked-cell counts per audit key, shared by a plan's steps.
 
-    __slots__ = ("counts",)
+    Each key counts in a one-element list that the steps get when they are built and bump per
+    masked cell: an item of a plain list is the cheapest counter CPython has (a ``Counter``
+    item, a dict subclass, cost several times as much per cell).
+    """
+
+    __slots__ = ("_cells",)
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self._cells: dict[str, list[int]] = {}
+
+    def cell(self, key: str) -> list[int]:
+        """The counter of ``key``: bump ``cell[0]``. Steps sharing a key share its counter."""
+        return self._cells.setdefault(key, [0])
+
+    def counts(self) -> dict[str, int]:
+        return {key: cell[0] for key, cell in self._cells.items() if cell[0]}
 
 
 CellMask = Callable[[bytes], "bytes | None"]
@@ -670,17 +688,17 @@ def _whole_value_mask(
         compute = _computed_whole_value(pg_type, binary, strategy, context)
     if label is None:
         return compute if compute is not None else (lambda value: constant)
-    counts = context.tally.counts
+    masked = context.tally.cell(label)
     if compute is None:
 
         def replace(value: bytes) -> bytes | None:
-            counts[label] += 1
+            masked[0] += 1
             return constant
 
     else:
 
         def replace(value: bytes) -> bytes | None:
-            counts[label] += 1
+            masked[0] += 1
             return compute(value)
 
     return replace
@@ -743,7 +761,8 @@ def _scanning_mask(
     context: _Context,
 ) -> CellMask:
     """A function masking what ``scanner`` finds in a cell, counting per recognizer."""
-    tally = context.tally.counts
+    # the scanner finds only the recognizers of ``strategies``
+    masked_by = {name: context.tally.cell(label_prefix + name) for name in strategies}
     keyed = context.keyed
     recognizers = scanner.recognizers
     find = scanner.find
@@ -757,7 +776,7 @@ def _scanning_mask(
             if not spans:
                 return data
             for name in {n for span in spans for n in span.recognizers}:
-                tally[label_prefix + name] += 1
+                masked_by[name][0] += 1
             if is_json:
                 spans, quote = _json_spans(data, spans)
                 return _rewrite_spans(data, spans, strategies, recognizers, keyed, quote)
@@ -790,7 +809,7 @@ def _scanning_mask(
             return value
         names = {n for span in spans for n in span.recognizers}
         for name in names:
-            tally[label_prefix + name] += 1
+            masked_by[name][0] += 1
         return replacements[_strongest([strategies[n] for n in names])](value)
 
     return scan_whole
@@ -960,7 +979,7 @@ class RowMasker:
         return tuple(index for index, _ in self._steps)
 
     def counts(self) -> dict[str, int]:
-        return dict(self._tally.counts)
+        return self._tally.counts()
 
     def apply(self, cells: list[bytes | None]) -> None:
         """Mask one row in place. On any failure every cell the plan touches is set to NULL and

@@ -39,7 +39,10 @@ recognizer may fire depends on whether a policy rule vouches for the column:
 Engines. The built-in patterns are stdlib :mod:`re` patterns, all combined into one alternation
 (named by group index) that starts with a single byte class, the union of the bytes a candidate
 can start with (digits, ``@``, ``:``, ``(``, ``+``): ``re`` skips every other byte in C before it
-tries any form, which is the cheap pre-check that makes plain text cost almost nothing. They are
+tries any form. Trying the forms at a digit costs far more, so a value is searched only when its
+*shape* (each byte replaced by its class: digit, separator, upper-case letter, ``@:(+``) holds
+what some form needs, such as a separator between two digits or nine digits in a row (see
+"prefilter" below); most cells whose only digits are short numbers are never searched. They are
 linear-safe: every quantifier is bounded (the longest candidate is under 600 bytes), no
 quantified group nests another unbounded one, and the validators look at most a bounded distance
 around a candidate, so the work per start position is bounded by a constant
@@ -395,19 +398,20 @@ _STAR_LETTERS = bytes(
     STAR if (b in _ALNUM_BYTES and b not in _DIGIT_BYTES) or b >= 0x80 else b for b in range(256)
 )
 _STAR_ALNUM = bytes(STAR if b in _ALNUM_BYTES or b >= 0x80 else b for b in range(256))
-_KEPT_TAIL = re.compile(rb"(?:[^0-9]*[0-9]){%d}" % PARTIAL_KEEP_DIGITS)  # matched on the reversed value
-_DIGIT_CHARS = bytes(sorted(_DIGIT_BYTES))
+_DIGIT_MARKS = bytes(0x30 if b in _DIGIT_BYTES else 0x2E for b in range(256))  # digit: "0", else "."
 
 
 def mask_keeping_last_digits(value: bytes) -> bytes:
     """Letters (and non-ASCII bytes) become ``*``; digits too, except the last
     :data:`PARTIAL_KEEP_DIGITS` when at least :data:`PARTIAL_MIN_MASKED_DIGITS` others stay
     hidden. Separators stay."""
-    digit_count = len(value) - len(value.translate(None, _DIGIT_CHARS))
-    if digit_count - PARTIAL_KEEP_DIGITS < PARTIAL_MIN_MASKED_DIGITS:
+    # Every byte as "digit or not", so that bytes methods in C count the digits and find the
+    # one where the kept tail starts (a regex over the reversed value cost far more per cell).
+    marks = value.translate(_DIGIT_MARKS)
+    if marks.count(b"0") - PARTIAL_KEEP_DIGITS < PARTIAL_MIN_MASKED_DIGITS:
         return value.translate(_STAR_ALNUM)
-    cut = len(value) - _KEPT_TAIL.match(value[::-1]).end()
-    return value[:cut].translate(_STAR_ALNUM) + value[cut:].translate(_STAR_LETTERS)
+    cut = len(marks.rsplit(b"0", PARTIAL_KEEP_DIGITS)[0])  # where the last digits kept begin
+    return value.translate(_STAR_ALNUM)[:cut] + value[cut:].translate(_STAR_LETTERS)
 
 
 def _partial_email(span: bytes) -> bytes:
@@ -509,16 +513,54 @@ FREE_TEXT_RECOGNIZERS: tuple[str, ...] = tuple(n for n, r in BUILTIN_RECOGNIZERS
 """Every built-in recognizer that may run outside column scope (all but ``zip``)."""
 
 
+# --- prefilter --------------------------------------------------------------------------------
+# One `re` search costs little per plain byte but thousands of instructions per digit it has to
+# try as a start, and most cells with digits hold short numbers no form takes ("visit 1234;").
+# So a scan first looks at the value's *shape*, every byte replaced by its class:
+#
+#   "0"  a digit                       "-"  a byte forms allow between digits: - . / space
+#   "A"  an upper-case letter          "!"  a byte other forms start with: @ : ( +
+#   "x"  anything else
+#
+# Each form lists in ``needs`` strings at least one of which the shape of any text it matches
+# holds (the comment at each form says why), and a value whose shape holds none of a scanner's
+# needs is not searched: nothing could match. Substring tests on a str run in C, without
+# per-position work; the property tests compare the filtered scan with the plain one.
+
+_SHAPE = bytes(
+    0x30 if b in _DIGIT_BYTES
+    else 0x2D if b in b"-./ "
+    else 0x41 if 0x41 <= b <= 0x5A
+    else 0x21 if b in b"@:(+"
+    else 0x78
+    for b in range(256)
+)  # fmt: skip
+
+
+def _shape(data: bytes) -> str:
+    """``data`` as classes (above); a str, because `str in str` is the cheap substring test
+    (`bytes in bytes` first tries to read its operand as an int, and fails slowly)."""
+    return data.translate(_SHAPE).decode("ascii")
+
+
+def _fewest_needs(needs: Iterable[str]) -> tuple[str, ...]:
+    """The needs worth testing: one that contains another is implied by it."""
+    unique = set(needs)
+    return tuple(sorted(need for need in unique if not any(other != need and other in need for other in unique)))
+
+
 @attrs.frozen
 class _Form:
     """One candidate shape: ``first`` is the set of bytes it can start with, ``rest`` the stdlib
     ``re`` pattern for the remainder (only non-capturing groups, every quantifier bounded).
+    ``needs``: the shape of any text the form matches holds one of these (see the prefilter).
     ``run_start``: the first byte is a digit that does not continue an earlier number."""
 
     recognizer: str
     first: bytes
     rest: bytes
     validate: Validator = attrs.field(eq=False, repr=False)
+    needs: tuple[str, ...]
     run_start: bool = False
 
 
@@ -529,8 +571,15 @@ _SEP = rb"[-.\x20]?"
 _NANP_AFTER_AREA = rb"[2-9][0-9]{2}" + _SEP + rb"[0-9]{4}" + _NO_MORE_DIGITS
 
 
-def _number(recognizer: str, first: bytes, rest: bytes, validate: Validator) -> _Form:
-    return _Form(recognizer, first, rest, validate, run_start=True)
+def _number(recognizer: str, first: bytes, rest: bytes, validate: Validator, needs: tuple[str, ...]) -> _Form:
+    return _Form(recognizer, first, rest, validate, needs, run_start=True)
+
+
+# Needs in the shape alphabet: a separator between two digits; nine digits in a row (no form
+# but zip, five, takes a shorter number without separators); a byte of "@:(+".
+_SEPARATED = "0-0"
+_NINE_DIGITS = "0" * 9
+_MARK = "!"
 
 
 _FORMS: tuple[_Form, ...] = (
@@ -538,27 +587,44 @@ _FORMS: tuple[_Form, ...] = (
     # forms whose candidates are often rejected (times, dates without a keyword, digit groups)
     # come last among the numbers, because a rejected candidate is offered to every later form.
     # Consecutive number forms share one run-start check in the combined pattern.
+    # The last argument is the form's needs (prefilter above): each comment says why. Where a
+    # pattern allows a separator, it stands between two digits, so "0-0" covers every separator.
     #
     # e-mail, from the '@': domain labels of at most 63 bytes (DNS), up to 9 of them; the
     # validator walks back over the local part
-    _Form("email", b"@", rb"[A-Za-z0-9\x80-\xff-]{1,63}(?:\.[A-Za-z0-9\x80-\xff-]{1,63}){1,8}", _validate_email),
-    _number("ssn", _D, rb"[0-9]{2}(?:-[0-9]{2}-|\x20[0-9]{2}\x20|[0-9]{2})[0-9]{4}" + _NO_MORE_DIGITS, _validate_ssn),
-    _number("npi", b"12", rb"[0-9]{9}" + _NO_MORE_DIGITS, _validate_npi),
-    _number("phone", b"23456789", rb"[0-9]{2}" + _SEP + _NANP_AFTER_AREA, _validate_phone),
-    _number("phone", b"1", _SEP + rb"(?:\([2-9][0-9]{2}\)\x20?|[2-9][0-9]{2}" + _SEP + b")" + _NANP_AFTER_AREA, _validate_phone),
-    _number("iban", _D, rb"(?<=[A-Z][A-Z][0-9])[0-9](?:\x20?[A-Z0-9]){11,30}", _validate_iban),
-    _number("ipv4", _D, rb"(?<!\..)[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-9])", _validate_ipv4),
-    _number("zip", _D, rb"[0-9]{4}(?:-[0-9]{4})?" + _NO_MORE_DIGITS, _validate_zip),
-    _number("dob", b"12", rb"[0-9]{3}-[0-9]{2}-[0-9]{2}" + _NO_MORE_DIGITS, _validate_dob),
-    _number("dob", _D, rb"[0-9]?/[0-9]{1,2}/[0-9]{4}" + _NO_MORE_DIGITS, _validate_dob),
+    _Form("email", b"@", rb"[A-Za-z0-9\x80-\xff-]{1,63}(?:\.[A-Za-z0-9\x80-\xff-]{1,63}){1,8}", _validate_email,
+          (_MARK,)),
+    # 123-45-6789, 123 45 6789 or nine digits
+    _number("ssn", _D, rb"[0-9]{2}(?:-[0-9]{2}-|\x20[0-9]{2}\x20|[0-9]{2})[0-9]{4}" + _NO_MORE_DIGITS, _validate_ssn,
+            (_SEPARATED, _NINE_DIGITS)),
+    # ten digits
+    _number("npi", b"12", rb"[0-9]{9}" + _NO_MORE_DIGITS, _validate_npi, (_NINE_DIGITS,)),
+    # ten digits, separators optional
+    _number("phone", b"23456789", rb"[0-9]{2}" + _SEP + _NANP_AFTER_AREA, _validate_phone, (_SEPARATED, _NINE_DIGITS)),
+    # 1, then ten digits with optional separators or "(212)"
+    _number("phone", b"1", _SEP + rb"(?:\([2-9][0-9]{2}\)\x20?|[2-9][0-9]{2}" + _SEP + b")" + _NANP_AFTER_AREA, _validate_phone,
+            (_MARK, _SEPARATED, _NINE_DIGITS)),
+    # country code, then the two check digits
+    _number("iban", _D, rb"(?<=[A-Z][A-Z][0-9])[0-9](?:\x20?[A-Z0-9]){11,30}", _validate_iban, ("AA00",)),
+    # a '.' between digits
+    _number("ipv4", _D, rb"(?<!\..)[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-9])", _validate_ipv4,
+            (_SEPARATED,)),
+    # five digits
+    _number("zip", _D, rb"[0-9]{4}(?:-[0-9]{4})?" + _NO_MORE_DIGITS, _validate_zip, ("0" * 5,)),
+    # a '-' or '/' between digits
+    _number("dob", b"12", rb"[0-9]{3}-[0-9]{2}-[0-9]{2}" + _NO_MORE_DIGITS, _validate_dob, (_SEPARATED,)),
+    _number("dob", _D, rb"[0-9]?/[0-9]{1,2}/[0-9]{4}" + _NO_MORE_DIGITS, _validate_dob, (_SEPARATED,)),
     # bare, or grouped as cards are printed: a group of four, then groups of 3-6 digits
     # (4-4-4-4, 4-6-5, 4-6-4, 4-4-4-4-3) separated by a space or a dash
-    _number("card", _D, rb"(?:[0-9]{12,18}|[0-9]{3}(?:[\x20-][0-9]{3,6}){2,4})" + _NO_MORE_DIGITS, _validate_card),
-    _number("ipv6", _D, rb"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f:.]{1,%d}" % (IPV6_MAX_CHARS - 1), _validate_ipv6),
-    _Form("phone", b"(", rb"[2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone),
-    _Form("phone", b"+", rb"1\x20?\([2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone),
-    _Form("phone", b"+", rb"[1-9](?:" + _SEP + rb"[0-9]){7,14}" + _NO_MORE_DIGITS, _validate_phone),
-    _Form("ipv6", b":", rb"(?<![0-9].)(?!::)[0-9A-Fa-f:.]{1,%d}" % (IPV6_MAX_CHARS - 1), _validate_ipv6),  # not ":::"
+    _number("card", _D, rb"(?:[0-9]{12,18}|[0-9]{3}(?:[\x20-][0-9]{3,6}){2,4})" + _NO_MORE_DIGITS, _validate_card,
+            (_SEPARATED, _NINE_DIGITS)),
+    # with a ':'
+    _number("ipv6", _D, rb"[0-9A-Fa-f]{0,3}:[0-9A-Fa-f:.]{1,%d}" % (IPV6_MAX_CHARS - 1), _validate_ipv6, (_MARK,)),
+    _Form("phone", b"(", rb"[2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone, (_MARK,)),
+    _Form("phone", b"+", rb"1\x20?\([2-9][0-9]{2}\)\x20?" + _NANP_AFTER_AREA, _validate_phone, (_MARK,)),
+    _Form("phone", b"+", rb"[1-9](?:" + _SEP + rb"[0-9]){7,14}" + _NO_MORE_DIGITS, _validate_phone, (_MARK,)),
+    _Form("ipv6", b":", rb"(?<![0-9].)(?!::)[0-9A-Fa-f:.]{1,%d}" % (IPV6_MAX_CHARS - 1), _validate_ipv6,
+          (_MARK,)),  # not ":::"
 )
 
 
@@ -692,6 +758,7 @@ class Scanner:
         "recognizers",
         "_custom_may_match",
         "_pattern",
+        "_needs",
         "_forms",
         "_retries",
         "_custom_pattern",
@@ -706,10 +773,10 @@ class Scanner:
         self.recognizers.update((c.name, _custom_recognizer(c.rule)) for c in custom)
         forms = [form for form in _FORMS if form.recognizer in self.recognizers]
         self._forms = forms
+        self._needs = _fewest_needs(need for form in forms for need in form.needs)
         if forms:
             # The pattern starts with one byte class (every byte a candidate can start with), so
-            # `re` skips all other bytes in C before trying any form: that is the cheap pre-check
-            # that makes plain text cost almost nothing.
+            # `re` skips all other bytes in C before trying any form.
             first = _byte_class(b for form in forms for b in form.first)
             self._pattern = re.compile(first + b"(?:" + _alternation(forms) + b")")
             assert self._pattern.groups == len(forms), "built-in forms must not capture"
@@ -747,13 +814,22 @@ class Scanner:
 
     def find(self, data: bytes) -> list[Span]:
         """Spans of ``data`` holding what the recognizers found, sorted, not overlapping."""
-        spans = self._find_builtin(data) if self._pattern is not None else []
+        spans = self._find_builtin(data) if self._pattern is not None and self._may_match(data) else []
         if self._custom_pattern is not None and self._custom_may_match(data) is not None:
             spans.extend(self._find_custom(data))
             spans.sort()
         return _merge(spans) if len(spans) > 1 else spans
 
+    def _may_match(self, data: bytes) -> bool:
+        """False when no built-in form can match anywhere in ``data`` (the prefilter above)."""
+        shape = _shape(data)
+        for need in self._needs:
+            if need in shape:
+                return True
+        return False
+
     def _find_builtin(self, data: bytes) -> list[Span]:
+        """What the built-in forms find in ``data``: the whole search, whatever the shape."""
         spans: list[Span] = []
         search = self._pattern.search
         forms = self._forms
