@@ -60,6 +60,9 @@ SINK_POLL_INTERVAL = 0.005
 DEFAULT_REPEAT = 5
 # Repetitions of each component measurement (encoding, compression): enough to average out noise.
 COMPONENT_REPETITIONS = 20000
+# Blocks whose size and compression the components report: a record alone, one query's three,
+# and a full block (MAX_BLOCK_RECORDS) of many sessions' records.
+BLOCK_SIZES = (1, 3, 64)
 
 
 def cpu_seconds() -> float:
@@ -197,7 +200,25 @@ def components() -> dict[str, float]:
         out[f"encode_block ({RECORDS_PER_QUERY} records), per record"] = round(measure(lambda: auditlog.encode_block(block)) / RECORDS_PER_QUERY, 2)
     else:
         out[f"encode_record x{RECORDS_PER_QUERY}, per record"] = round(measure(lambda: [auditlog.encode_record(r) for r in block]) / RECORDS_PER_QUERY, 2)
+    if hasattr(auditlog, "encode_bodies"):
+        for count in BLOCK_SIZES:  # what the log grows by per block, and the CPU of one block
+            bodies = realistic_bodies(count)
+            raw, frame = len(auditlog.pack(bodies)), auditlog.encode_bodies(bodies)
+            out[f"encode_bodies {count} records: {raw} -> {len(frame)} bytes, per block"] = measure(lambda bodies=bodies: auditlog.encode_bodies(bodies), max(200, COMPONENT_REPETITIONS // count))
     return out
+
+
+def realistic_bodies(count: int) -> list[bytes]:
+    """``count`` consecutive record bodies as the writer makes them: request, rows, response, …
+    of a few sessions taking turns."""
+    events_ = [event for n in range(count) for event in select_query(f"s{n % 8}", 1000 + n)][:count]
+    head, bodies, previous = auditlog.body_head("host.main.0123abcd"), [], b"\0" * 32
+    for seq, event in enumerate(events_, 1234):
+        fields = events.event_fields(event)
+        body = auditlog.spliced_body(head, seq, previous, 1.7e9 + seq / 1000, auditlog.body_type_part(event.type), auditlog.pack(fields))
+        bodies.append(body)
+        previous = hashlib.sha256(body).digest()
+    return bodies
 
 
 def main(argv: list[str] | None = None) -> int:
