@@ -16,7 +16,8 @@ Everything runs on this machine against a throwaway PostgreSQL (SCRAM authentica
   with 1,000 idle sessions open;
 * approval wake-up latency: from a reviewer's decision to the held statement's result;
 * the fdatasync latency of a record-sized append on the audit log's disk: the floor under a
-  lone session's statements with ``fsync = "durable"``;
+  lone session's statements with ``fsync = "durable"``, and pgbench ``-S`` through the same
+  gateway with ``fsync = "interval"`` (what that durability costs);
 * pgbench through ``bastion serve --workers 2``.
 
 Bastion runs with the full pipeline: an API-key identity, the HIPAA baseline bundle plus grants,
@@ -326,6 +327,22 @@ def measure_fsync_floor(directory: Path, rounds: int = 200) -> dict:
     return {"rounds": rounds, "median_ms": round(median * 1000, 3), "p90_ms": round(latencies[rounds * 9 // 10] * 1000, 3), "lone_session_max_tps": round(1 / median, 1)}
 
 
+def measure_fsync_interval(server, config: Path, listen_port: int, admin_port: int, token: str, duration: int) -> list[dict]:
+    """The same gateway with ``fsync = "interval"`` (records written at once, fdatasync'd every
+    interval instead of before each statement): what making every request record durable costs."""
+    relaxed = config.with_name("bastion-interval.toml")
+    relaxed.write_text(config.read_text().replace('fsync = "durable"', 'fsync = "interval"'))
+    gateway = Bastion(relaxed, listen_port, admin_port)
+    rows = []
+    try:
+        for clients in CLIENTS:
+            result, cpu = pgbench_through(gateway, server, listen_port, token, "bench-ci", "simple", clients, duration)
+            rows.append({"mode": "simple", "clients": clients, "bastion": result, "bastion_cpu_us_per_query": cpu})
+    finally:
+        gateway.stop()
+    return rows
+
+
 def measure_masking() -> dict:
     from bastion.policies import masking, recognizers  # noqa: F401  (imports warm the patterns)
     from bastion.policies.model import Column, MaskingSettings, MaskRule, ResultShape
@@ -523,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         finally:
             workers.stop()
+        print("fsync = \"interval\"…", flush=True)
+        results["fsync_interval"] = measure_fsync_interval(server, config, listen_port, admin_port, token, args.duration)
         bouncer.terminate()
         bouncer.wait(10)
     shutil.rmtree(work, ignore_errors=True)
@@ -561,6 +580,10 @@ def render_table(results: dict) -> str:
         f"| RSS with {idle.get('sessions')} idle sessions | {idle.get('rss_mb')} MB |",
         f"| approval wake-up, decision to result | median {approval.get('median_ms')} ms, max {approval.get('max_ms')} ms {approval.get('error', '')} |",
         f"| pgbench -S simple, 8 clients, 1 → 2 workers | {workers.get('one_worker_tps')} → {workers.get('two_workers', {}).get('tps')} TPS |",
+        *(
+            f"| pgbench -S simple, {row['clients']} client(s), fsync = \"interval\" | {row['bastion'].get('tps')} TPS, {row.get('bastion_cpu_us_per_query')} µs CPU/query |"
+            for row in results.get("fsync_interval", [])
+        ),
         f"| fdatasync of a record on the audit disk (a lone durable session's floor) | median {fsync.get('median_ms')} ms, p90 {fsync.get('p90_ms')} ms: at most {fsync.get('lone_session_max_tps')} statements/s |",
     ]
     return "\n".join(lines)
