@@ -410,6 +410,9 @@ def mask_keeping_last_digits(value: bytes) -> bytes:
     marks = value.translate(_DIGIT_MARKS)
     if marks.count(b"0") - PARTIAL_KEEP_DIGITS < PARTIAL_MIN_MASKED_DIGITS:
         return value.translate(_STAR_ALNUM)
+    tail = value[-PARTIAL_KEEP_DIGITS:]
+    if tail.isdigit():  # the usual case (SSNs, phone and card numbers): the tail stays as it is
+        return value[:-PARTIAL_KEEP_DIGITS].translate(_STAR_ALNUM) + tail
     cut = len(marks.rsplit(b"0", PARTIAL_KEEP_DIGITS)[0])  # where the last digits kept begin
     return value.translate(_STAR_ALNUM)[:cut] + value[cut:].translate(_STAR_LETTERS)
 
@@ -535,12 +538,6 @@ _SHAPE = bytes(
     else 0x78
     for b in range(256)
 )  # fmt: skip
-
-
-def _shape(data: bytes) -> str:
-    """``data`` as classes (above); a str, because `str in str` is the cheap substring test
-    (`bytes in bytes` first tries to read its operand as an int, and fails slowly)."""
-    return data.translate(_SHAPE).decode("ascii")
 
 
 def _fewest_needs(needs: Iterable[str]) -> tuple[str, ...]:
@@ -822,7 +819,9 @@ class Scanner:
 
     def _may_match(self, data: bytes) -> bool:
         """False when no built-in form can match anywhere in ``data`` (the prefilter above)."""
-        shape = _shape(data)
+        # a str, because `str in str` is the cheap substring test (`bytes in bytes` first tries
+        # to read its operand as an int, and fails slowly)
+        shape = data.translate(_SHAPE).decode("ascii")
         for need in self._needs:
             if need in shape:
                 return True
