@@ -637,20 +637,23 @@ def _partial_whole_text(value: bytes) -> bytes:
     return mask_keeping_last_digits(value)
 
 
+CellCounter = list[int]  # [count]: see _Tally
+
+
 class _Tally:
     """Masked-cell counts per audit key, shared by a plan's steps.
 
-    Each key counts in a one-element list that the steps get when they are built and bump per
-    masked cell: an item of a plain list is the cheapest counter CPython has (a ``Counter``
-    item, a dict subclass, cost several times as much per cell).
+    Each key counts in a one-element list (a :data:`CellCounter`) that the steps get when they
+    are built and bump per masked cell: an item of a plain list is the cheapest counter CPython
+    has (a ``Counter`` item, a dict subclass, cost several times as much per cell).
     """
 
     __slots__ = ("_cells",)
 
     def __init__(self) -> None:
-        self._cells: dict[str, list[int]] = {}
+        self._cells: dict[str, CellCounter] = {}
 
-    def cell(self, key: str) -> list[int]:
+    def cell(self, key: str) -> CellCounter:
         """The counter of ``key``: bump ``cell[0]``. Steps sharing a key share its counter."""
         return self._cells.setdefault(key, [0])
 
@@ -661,6 +664,13 @@ class _Tally:
 CellMask = Callable[[bytes], "bytes | None"]
 
 
+# One column of a plan: (column index, mask, counter). The mask rewrites the column's non-NULL
+# cells; the counter, when not None, counts every cell given to the mask (whole-value masks: the
+# plan counts them, cheaper than a counting wrapper around each mask); a scanning mask counts
+# what it finds itself. A plain tuple: unpacking one per step and row is cheapest.
+_Step = tuple[int, CellMask, "CellCounter | None"]
+
+
 @attrs.frozen
 class _Context:
     keyed: _Keyed = attrs.field(repr=False)
@@ -668,10 +678,8 @@ class _Context:
     tally: _Tally = attrs.field(eq=False)
 
 
-def _whole_value_mask(
-    pg_type: _PgType, binary: bool, strategy: str, context: _Context, label: str | None = None
-) -> CellMask:
-    """A function replacing a whole value of this type, counting under ``label`` when given.
+def _whole_value_mask(pg_type: _PgType, binary: bool, strategy: str, context: _Context) -> CellMask:
+    """A function replacing a whole value of this type (it counts nothing: see ``_Step``).
     Raises MaskingUnsupported up front for what cannot be replaced in this format."""
     constant: bytes | None = None
     compute: CellMask | None = None
@@ -690,22 +698,7 @@ def _whole_value_mask(
         if constant is None:
             raise MaskingUnsupported(f"cannot mask type {pg_type.name} in binary format")
         compute = _computed_whole_value(pg_type, binary, strategy, context)
-    if label is None:
-        return compute if compute is not None else (lambda value: constant)
-    masked = context.tally.cell(label)
-    if compute is None:
-
-        def replace(value: bytes) -> bytes | None:
-            masked[0] += 1
-            return constant
-
-    else:
-
-        def replace(value: bytes) -> bytes | None:
-            masked[0] += 1
-            return compute(value)
-
-    return replace
+    return compute if compute is not None else (lambda value: constant)
 
 
 def _computed_whole_value(pg_type: _PgType, binary: bool, strategy: str, context: _Context) -> CellMask | None:
@@ -763,8 +756,9 @@ def _scanning_mask(
     strategies: Mapping[str, str],
     label_prefix: str,
     context: _Context,
-) -> CellMask:
-    """A function masking what ``scanner`` finds in a cell, counting per recognizer."""
+) -> tuple[CellMask, CellCounter | None]:
+    """A function masking what ``scanner`` finds in a cell, counting per recognizer, and the
+    counter of its cells when it counts none itself (a value that cannot be read goes whole)."""
     # the scanner finds only the recognizers of ``strategies``
     masked_by = {name: context.tally.cell(label_prefix + name) for name in strategies}
     keyed = context.keyed
@@ -788,16 +782,15 @@ def _scanning_mask(
 
         in_encoding = _transcoded(rewrite, context.codec)
         if kind == "jsonb" and binary:
-            return lambda value: _jsonb_binary(value, in_encoding)
-        return in_encoding
+            return (lambda value: _jsonb_binary(value, in_encoding)), None
+        return in_encoding, None
 
     # a non-text value: what is found makes the whole value go
     readable = _readable(pg_type, binary)
     if readable is None and binary:
         # cannot be read, so cannot be shown clean: replaced whole
-        return _whole_value_mask(
-            pg_type, binary, _strongest(list(strategies.values())), context, label_prefix + "unreadable"
-        )
+        replace = _whole_value_mask(pg_type, binary, _strongest(list(strategies.values())), context)
+        return replace, context.tally.cell(label_prefix + "unreadable")
 
     replacements = {
         strategy: _whole_value_mask(pg_type, binary, strategy, context) for strategy in set(strategies.values())
@@ -816,7 +809,7 @@ def _scanning_mask(
             masked_by[name][0] += 1
         return replacements[_strongest([strategies[n] for n in names])](value)
 
-    return scan_whole
+    return scan_whole, None
 
 
 def _scannable_in_place(pg_type: _PgType, binary: bool) -> bool:
@@ -962,8 +955,8 @@ class RowMasker:
     def __init__(
         self,
         width: int,
-        steps: Sequence[tuple[int, CellMask]],
-        text_steps: Sequence[tuple[int, CellMask]],
+        steps: Sequence[_Step],
+        text_steps: Sequence[_Step],
         tally: _Tally,
         deny_reason: str | None = None,
     ) -> None:
@@ -976,11 +969,11 @@ class RowMasker:
     def __repr__(self) -> str:
         if self.deny_reason:
             return f"RowMasker(deny: {self.deny_reason})"
-        return f"RowMasker(columns={[index for index, _ in self._steps]})"
+        return f"RowMasker(columns={list(self.masked_columns)})"
 
     @property
     def masked_columns(self) -> tuple[int, ...]:
-        return tuple(index for index, _ in self._steps)
+        return tuple(index for index, _, _ in self._steps)
 
     def counts(self) -> dict[str, int]:
         return self._tally.counts()
@@ -993,12 +986,14 @@ class RowMasker:
         if len(cells) != self.width:
             raise MaskingError(f"row has {len(cells)} cells, the result has {self.width} columns")
         try:
-            for index, mask in self._steps:
+            for index, mask, counter in self._steps:
                 value = cells[index]
                 if value is not None:
+                    if counter is not None:
+                        counter[0] += 1
                     cells[index] = mask(value)
         except Exception as exc:
-            for index, _ in self._steps:
+            for index, _, _ in self._steps:
                 cells[index] = None
             if isinstance(exc, MaskingError):
                 raise
@@ -1045,11 +1040,13 @@ class RowMasker:
         if len(fields) != self.width:
             raise MaskingError(f"COPY row has {len(fields)} fields, the result has {self.width} columns")
         escape = _copy_text_escaper(delimiter)
-        for index, mask in self._text_steps:
+        for index, mask, counter in self._text_steps:
             raw = fields[index]
             if raw == null:
                 continue
             value = _copy_text_unescape(raw)
+            if counter is not None:
+                counter[0] += 1
             masked = mask(value)
             if masked is None:
                 fields[index] = null
@@ -1062,10 +1059,12 @@ class RowMasker:
         if len(fields) != self.width:
             raise MaskingError(f"COPY row has {len(fields)} fields, the result has {self.width} columns")
         out = [raw for raw, _, _ in fields]
-        for index, mask in self._text_steps:
+        for index, mask, counter in self._text_steps:
             raw, value, quoted = fields[index]
             if not quoted and raw == null:
                 continue
+            if counter is not None:
+                counter[0] += 1
             masked = mask(value)
             if masked is None:
                 out[index] = null
@@ -1101,8 +1100,8 @@ def compile_plan(
         raise MaskingConfigError(f"the hash strategy needs a hash key of at least {MIN_HASH_KEY_BYTES} bytes")
     context = _Context(_Keyed(hash_key), _codec(encoding), _Tally())
     custom_names = tuple(r.name for r in recognizers)
-    steps: list[tuple[int, CellMask]] = []
-    text_steps: list[tuple[int, CellMask]] = []
+    steps: list[_Step] = []
+    text_steps: list[_Step] = []
     needs_text_steps = any(column.binary for column in shape.columns)
 
     for index, column in enumerate(shape.columns):
@@ -1120,8 +1119,8 @@ def compile_plan(
 
             def build(
                 binary: bool, pg_type: _PgType = pg_type, strategy: str = strategy, label: str = label
-            ) -> CellMask | None:
-                return _whole_value_mask(pg_type, binary, strategy, context, label)
+            ) -> tuple[CellMask, CellCounter | None] | None:
+                return _whole_value_mask(pg_type, binary, strategy, context), context.tally.cell(label)
 
         else:
             strategies: dict[str, str] = {}
@@ -1161,18 +1160,18 @@ def compile_plan(
                 strategies: dict[str, str] = strategies,
                 label_prefix: str = label_prefix,
                 only_in_place: bool = only_in_place,
-            ) -> CellMask | None:
+            ) -> tuple[CellMask, CellCounter | None] | None:
                 if only_in_place and not _scannable_in_place(pg_type, binary):
                     return None
                 return _scanning_mask(pg_type, binary, scanner, strategies, label_prefix, context)
 
-        mask = build(column.binary)
-        if mask is not None:
-            steps.append((index, mask))
+        built = build(column.binary)
+        if built is not None:
+            steps.append((index, *built))
         if needs_text_steps:
-            text_mask = build(False)
-            if text_mask is not None:
-                text_steps.append((index, text_mask))
+            built = build(False)
+            if built is not None:
+                text_steps.append((index, *built))
 
     if not steps and not text_steps:
         return None

@@ -176,3 +176,30 @@ _WHITESPACE = st.lists(st.sampled_from(b" \t\n\r\x0b\x0c\x1c\x85\xa0"), max_size
 def test_property_partial_whole_value_tests_only_where_needed(before, value, after):
     value = before + value + after
     assert masking._partial_whole_text(value) == _partial_whole_text_every_test(value)
+
+
+# --- counts --------------------------------------------------------------------------------------
+
+
+def test_cells_are_counted_once_each_in_rows_and_copy_lines():
+    # whole-value steps are counted by the plan, scanning masks count what they find
+    from bastion.policies.model import Column, MaskingSettings, MaskRule, ResultShape
+
+    shape = ResultShape(
+        columns=(
+            Column("ssn", type_oid=25, table="t"),
+            Column("note", type_oid=25, table="t"),
+            Column("ssn", type_oid=25, table="u"),  # same name: the counts add up
+        )
+    )
+    rules = [MaskRule("hide", ("*.ssn",), "partial"), MaskRule("notes", ("*.note",), "redact", ("ssn", "email"))]
+    plan = masking.compile_plan(shape, rules, (), MaskingSettings(), hash_key=b"k" * 32)
+    assert plan.counts() == {}
+    row = [b"123-45-6789", b"mail a@b.co, ssn 123-45-6789", None]
+    plan.apply(row)
+    assert row == [b"***-**-6789", b"mail [REDACTED], ssn [REDACTED]", None]
+    assert plan.counts() == {"ssn:hide": 1, "note:ssn": 1, "note:email": 1}
+    plan.mask_copy_line(b"123-45-6789\tnothing here\t987-65-4321\n", "text")
+    assert plan.counts() == {"ssn:hide": 3, "note:ssn": 1, "note:email": 1}
+    plan.mask_copy_line(b'123-45-6789,"ssn 123-45-6789",\n', "csv")  # the last field is NULL
+    assert plan.counts() == {"ssn:hide": 4, "note:ssn": 2, "note:email": 1}
