@@ -11,7 +11,8 @@ Everything runs on this machine against a throwaway PostgreSQL (SCRAM authentica
   direct and to PgBouncer;
 * the CPU the gateway process (and the bare hop) spends per query (its own utime + stime over
   the round);
-* statement analysis µs on a fingerprint-cache hit and a miss; masking throughput in MB/s;
+* statement analysis µs on a fingerprint-cache hit and a miss; masking throughput in MB/s, with
+  free-text notes that hold nothing to find and with notes that hold identifiers;
 * the gateway's peak RSS while a result of at least 1 GB streams through masking, and its RSS
   with 1,000 idle sessions open;
 * approval wake-up latency: from a reviewer's decision to the held statement's result;
@@ -343,7 +344,17 @@ def measure_fsync_interval(server, config: Path, listen_port: int, admin_port: i
     return rows
 
 
-def measure_masking() -> dict:
+# The free-text column of measure_masking: a note with nothing to find, as most are, and one that
+# holds a phone number, an e-mail address and a date of birth (every recognizer then searches).
+MASKING_NOTES = {
+    "plain": "Seen on visit {i}; follow up by phone, nothing else of note in this long free text field.",
+    "identifiers": "Seen on visit {i}; call back on (555) {phone:03d}-{line:04d} or pat{i}@example.org, born 03/{day:02d}/19{year:02d}.",
+}
+
+
+def measure_masking(note: str = "plain", rounds: int = 5, repeats: int = 3) -> dict:
+    """Masking MB/s of result rows, in process: the best of ``repeats`` timings (the machine is
+    shared; the best is the code's cost with the least interference)."""
     from bastion.policies import masking, recognizers  # noqa: F401  (imports warm the patterns)
     from bastion.policies.model import Column, MaskingSettings, MaskRule, ResultShape
 
@@ -367,16 +378,18 @@ def measure_masking() -> dict:
         rows.append([
             str(i).encode(), f"Patient Number {i}".encode(), f"{100 + i % 800:03d}-{10 + i % 89:02d}-{1000 + i:04d}".encode(),
             f"patient{i}@example.org".encode(),
-            f"Seen on visit {i}; follow up by phone, nothing else of note in this long free text field.".encode(),
+            MASKING_NOTES[note].format(i=i, phone=200 + i % 700, line=1000 + i % 9000, day=1 + i % 28, year=30 + i % 60).encode(),
         ])
     size = sum(len(c) for row in rows for c in row)
-    rounds = 5
-    start = time.process_time()
-    for _ in range(rounds):
-        for row in rows:
-            plan.apply(list(row))
-    elapsed = time.process_time() - start
-    return {"mb_per_s": round(size * rounds / elapsed / 1e6, 1), "row_bytes": size // len(rows)}
+    best = None
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(rounds):
+            for row in rows:
+                plan.apply(list(row))
+        elapsed = time.process_time() - start
+        best = elapsed if best is None else min(best, elapsed)
+    return {"mb_per_s": round(size * rounds / best / 1e6, 1), "row_bytes": size // len(rows), "note": note}
 
 
 def measure_big_result(server, bastion: Bastion, token: str, target_bytes: int) -> dict:
@@ -517,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             print("statement analysis and masking…", flush=True)
             results["analysis"] = measure_analysis()
             results["masking"] = measure_masking()
+            results["masking_identifiers"] = measure_masking("identifiers")
             results["fsync_floor"] = measure_fsync_floor(work)
             print(f"streaming {args.big_result_mb} MB through masking…", flush=True)
             results["big_result"] = measure_big_result(server, bastion, token, args.big_result_mb * 1_000_000)
@@ -576,6 +590,7 @@ def render_table(results: dict) -> str:
         f"| analysis, fingerprint-cache hit | {analysis.get('cache_hit_us')} µs |",
         f"| analysis, miss | {analysis.get('cache_miss_us')} µs |",
         f"| masking throughput (3 column rules, recognizers on free text) | {mask.get('mb_per_s')} MB/s |",
+        f"| the same, every note holding a phone number, an e-mail address and a date | {results.get('masking_identifiers', {}).get('mb_per_s')} MB/s |",
         f"| peak RSS streaming {round(big.get('bytes_received', 0) / 1e9, 2)} GB through masking | {big.get('peak_rss_mb')} MB ({big.get('mb_per_s')} MB/s) |",
         f"| RSS with {idle.get('sessions')} idle sessions | {idle.get('rss_mb')} MB |",
         f"| approval wake-up, decision to result | median {approval.get('median_ms')} ms, max {approval.get('max_ms')} ms {approval.get('error', '')} |",
