@@ -852,15 +852,7 @@ class Relay:
                 else:
                     await self._masked_row(result, body)
             else:
-                # the messages of every result, dispatched here: one coroutine less per message
-                if kind == b"C":
-                    await self._command_complete(body)
-                elif kind == b"Z":
-                    await self._ready_for_query(body)
-                elif kind == b"T":
-                    self._row_description(body)
-                else:
-                    await self._backend_message(kind, body)
+                await self._backend_message(kind, body)
                 if self.unrecorded:
                     await self._record_skipped()
             if self.to_client_size >= self.batch_bytes:
