@@ -526,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print("pgbench -S (direct, pgbouncer, bare hop, bastion interleaved):", flush=True)
             results["pgbench"] = measure_pgbench(server, bouncer_port, bastion, bare, token, args.duration)
-            bare.stop()
             print("statement analysis and masking…", flush=True)
             results["analysis"] = measure_analysis()
             results["masking"] = measure_masking()
